@@ -1,0 +1,25 @@
+"""The ``jaxnas`` console command: thin wrappers around the library (``jaxnas <command> --help``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxnas import describe
+
+# name -> (module with build_parser(parser) and run(args), one-line help)
+COMMANDS = {
+    'describe': (describe, 'parameters and MACs of a genotype\'s evaluation network'),
+}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog='jaxnas', description='Robust differentiable NAS in JAX.')
+  sub = parser.add_subparsers(dest='command', required=True)
+  for name, (module, help_text) in COMMANDS.items():
+    module.build_parser(sub.add_parser(name, help=help_text, description=help_text))
+  args = parser.parse_args(argv)
+  return COMMANDS[args.command][0].run(args)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,285 @@
+"""Primitive operations of the DARTS family, NHWC, with the exact PyTorch semantics of the originals.
+
+Every operation is a pair of pure functions ``init(rng, C, stride, affine, pool_bn) -> (params, stats)``
+(``rng`` a numpy Generator, see ``numpy_rng``) and
+``apply(params, stats, x, stride, train, depthwise) -> (y, new_stats)``. ``params`` and ``stats`` (BatchNorm
+running statistics) are plain dicts; nothing is hidden in a module. Conv kernels are stored HWIO (Flax
+layout), depthwise kernels as ``(k, k, 1, C)``.
+
+Semantics (quark0/darts ``operations.py``): all convs bias-free; ``sep_conv_k`` = two stacked
+[ReLU, depthwise k (stride on the first only, pad k//2), 1x1, BN]; ``dil_conv_k`` = [ReLU, depthwise k,
+dilation 2, pad k-1, 1x1, BN]; ``avg_pool_3x3`` with ``count_include_pad=False``; ``skip_connect`` = identity
+or ``FactorizedReduce`` at stride 2; ``none`` = zeros. In the search supernet pool ops are followed by
+BN(affine=False) (``pool_bn=True``).
+
+The depthwise convolution has two formulations with identical results: ``'shift'`` (a sum of k*k strided
+slices times per-channel weights, fast on XLA:CPU) and ``'grouped'`` (``lax.conv_general_dilated`` with
+``feature_group_count``, fast on GPU/TPU). ``'auto'`` picks by backend.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.1
+
+DARTS_PRIMITIVES = ('none', 'max_pool_3x3', 'avg_pool_3x3', 'skip_connect', 'sep_conv_3x3',
+                    'sep_conv_5x5', 'dil_conv_3x3', 'dil_conv_5x5')
+DSARA_PRIMITIVES = DARTS_PRIMITIVES[1:]
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks.
+# ------------------------------------------------------------------------------------------------
+def resolve_depthwise(depthwise: str) -> str:
+  """Chooses the depthwise formulation: 'shift' on CPU, 'grouped' elsewhere, unless given."""
+  if depthwise == 'auto':
+    return 'shift' if jax.default_backend() == 'cpu' else 'grouped'
+  if depthwise not in ('shift', 'grouped'):
+    raise ValueError(f"unknown depthwise formulation {depthwise!r}: use 'auto', 'shift' or 'grouped'")
+  return depthwise
+
+
+def numpy_rng(rng) -> np.random.Generator:
+  """A numpy generator seeded from a JAX PRNG key: initialising thousands of small weights eagerly in
+  numpy takes milliseconds, where JAX dispatch (or compiling a jitted init) takes minutes."""
+  if isinstance(rng, np.random.Generator):
+    return rng
+  data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+  return np.random.default_rng(np.asarray(data, np.uint32).ravel().tolist())
+
+
+def torch_uniform(rng: np.random.Generator, shape, fan_in):
+  """PyTorch's default init for conv/linear weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return rng.uniform(-bound, bound, shape).astype(np.float32)
+
+
+def conv_init(rng, k, c_in, c_out, groups=1):
+  return {'kernel': torch_uniform(rng, (k, k, c_in // groups, c_out), k * k * c_in // groups)}
+
+
+def bn_init(C, affine):
+  params = {'scale': np.ones((C,), np.float32), 'bias': np.zeros((C,), np.float32)} if affine else {}
+  return params, {'mean': np.zeros((C,), np.float32), 'var': np.ones((C,), np.float32)}
+
+
+def batch_norm(params, stats, x, train):
+  """BatchNorm2d over N, H, W; train mode uses batch statistics and updates the running ones as PyTorch does
+  (momentum 0.1, unbiased variance in the running estimate)."""
+  if train:
+    mean = jnp.mean(x, axis=(0, 1, 2))
+    var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+    n = x.size // x.shape[-1]
+    new_stats = jax.tree.map(lax.stop_gradient, {
+        'mean': (1 - BN_MOMENTUM) * stats['mean'] + BN_MOMENTUM * mean,
+        'var': (1 - BN_MOMENTUM) * stats['var'] + BN_MOMENTUM * var * n / max(n - 1, 1)})
+  else:
+    mean, var, new_stats = stats['mean'], stats['var'], stats
+  y = (x - mean) * lax.rsqrt(var + BN_EPS)
+  if params:
+    y = y * params['scale'] + params['bias']
+  return y, new_stats
+
+
+def conv2d(x, kernel, stride=1, padding=0, dilation=1):
+  """Dense conv, NHWC/HWIO, symmetric PyTorch padding."""
+  if kernel.shape[0] == 1 and kernel.shape[1] == 1 and padding == 0:
+    return jnp.einsum('bhwc,cd->bhwd', x[:, ::stride, ::stride, :], kernel[0, 0])
+  return lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
+                                  rhs_dilation=(dilation, dilation),
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _out_size(size, k, stride, padding, dilation=1):
+  return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def _shifted_windows(xp, k, stride, dilation, out_h, out_w):
+  """Yields (i, j, window) for the k*k strided views of a padded NHWC input."""
+  for i in range(k):
+    for j in range(k):
+      yield i, j, xp[:, i * dilation:i * dilation + (out_h - 1) * stride + 1:stride,
+                     j * dilation:j * dilation + (out_w - 1) * stride + 1:stride, :]
+
+
+def depthwise_conv2d(x, kernel, stride, padding, dilation, depthwise):
+  """Depthwise conv (PyTorch ``groups=C``), kernel ``(k, k, 1, C)``."""
+  k = kernel.shape[0]
+  if resolve_depthwise(depthwise) == 'grouped':
+    return lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
+                                    rhs_dilation=(dilation, dilation),
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                    feature_group_count=x.shape[-1])
+  out_h = _out_size(x.shape[1], k, stride, padding, dilation)
+  out_w = _out_size(x.shape[2], k, stride, padding, dilation)
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  out = None
+  for i, j, window in _shifted_windows(xp, k, stride, dilation, out_h, out_w):
+    term = window * kernel[i, j, 0]
+    out = term if out is None else out + term
+  return out
+
+
+def max_pool(x, k, stride, padding):
+  """MaxPool2d with -inf padding, as a max over k*k shifted slices (fast gradient on XLA:CPU)."""
+  out_h, out_w = (_out_size(s, k, stride, padding) for s in x.shape[1:3])
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
+  out = None
+  for _, _, window in _shifted_windows(xp, k, stride, 1, out_h, out_w):
+    out = window if out is None else jnp.maximum(out, window)
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def _valid_counts(h, w, k, stride, padding):
+  ones = np.pad(np.ones((h, w)), padding)
+  out_h, out_w = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
+  counts = sum(ones[i:i + (out_h - 1) * stride + 1:stride, j:j + (out_w - 1) * stride + 1:stride]
+               for i in range(k) for j in range(k))
+  return counts[None, :, :, None]
+
+
+def avg_pool(x, k, stride, padding):
+  """AvgPool2d with ``count_include_pad=False``."""
+  out_h, out_w = (_out_size(s, k, stride, padding) for s in x.shape[1:3])
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  total = None
+  for _, _, window in _shifted_windows(xp, k, stride, 1, out_h, out_w):
+    total = window if total is None else total + window
+  counts = _valid_counts(x.shape[1], x.shape[2], k, stride, padding)
+  return total / jnp.asarray(counts, x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Composite operations (init / apply pairs).
+# ------------------------------------------------------------------------------------------------
+def relu_conv_bn_init(rng, c_in, c_out, affine, k=1):
+  bn_p, bn_s = bn_init(c_out, affine)
+  return {'conv': conv_init(rng, k, c_in, c_out), 'bn': bn_p}, {'bn': bn_s}
+
+
+def relu_conv_bn(params, stats, x, train, stride=1, padding=0):
+  y = conv2d(jax.nn.relu(x), params['conv']['kernel'], stride, padding)
+  y, bn_s = batch_norm(params['bn'], stats['bn'], y, train)
+  return y, {'bn': bn_s}
+
+
+def factorized_reduce_init(rng, c_in, c_out, affine):
+  if c_out % 2:
+    raise ValueError(f'FactorizedReduce needs an even number of output channels, got {c_out}')
+  bn_p, bn_s = bn_init(c_out, affine)
+  return ({'conv_1': conv_init(rng, 1, c_in, c_out // 2), 'conv_2': conv_init(rng, 1, c_in, c_out // 2),
+           'bn': bn_p}, {'bn': bn_s})
+
+
+def factorized_reduce(params, stats, x, train):
+  """ReLU, two 1x1 stride-2 convs on x and on x shifted by one pixel, concat, BN."""
+  x = jax.nn.relu(x)
+  a = conv2d(x, params['conv_1']['kernel'], 2)
+  b = conv2d(x[:, 1:, 1:, :], params['conv_2']['kernel'], 2)
+  if a.shape != b.shape:
+    raise ValueError(f'FactorizedReduce needs even spatial sizes, got {x.shape[1:3]}: '
+                     'use an input size divisible by 4')
+  y, bn_s = batch_norm(params['bn'], stats['bn'], jnp.concatenate([a, b], axis=-1), train)
+  return y, {'bn': bn_s}
+
+
+def _sep_init(rng, C, k, affine):
+  (b1, s1), (b2, s2) = bn_init(C, affine), bn_init(C, affine)
+  return ({'dw1': conv_init(rng, k, C, C, groups=C), 'pw1': conv_init(rng, 1, C, C), 'bn1': b1,
+           'dw2': conv_init(rng, k, C, C, groups=C), 'pw2': conv_init(rng, 1, C, C), 'bn2': b2},
+          {'bn1': s1, 'bn2': s2})
+
+
+def _sep_apply(k, params, stats, x, stride, train, depthwise):
+  y = depthwise_conv2d(jax.nn.relu(x), params['dw1']['kernel'], stride, k // 2, 1, depthwise)
+  y, s1 = batch_norm(params['bn1'], stats['bn1'], conv2d(y, params['pw1']['kernel']), train)
+  y = depthwise_conv2d(jax.nn.relu(y), params['dw2']['kernel'], 1, k // 2, 1, depthwise)
+  y, s2 = batch_norm(params['bn2'], stats['bn2'], conv2d(y, params['pw2']['kernel']), train)
+  return y, {'bn1': s1, 'bn2': s2}
+
+
+def _dil_init(rng, C, k, affine):
+  bn_p, bn_s = bn_init(C, affine)
+  return ({'dw': conv_init(rng, k, C, C, groups=C), 'pw': conv_init(rng, 1, C, C), 'bn': bn_p},
+          {'bn': bn_s})
+
+
+def _dil_apply(k, params, stats, x, stride, train, depthwise):
+  y = depthwise_conv2d(jax.nn.relu(x), params['dw']['kernel'], stride, k - 1, 2, depthwise)
+  y, s = batch_norm(params['bn'], stats['bn'], conv2d(y, params['pw']['kernel']), train)
+  return y, {'bn': s}
+
+
+def _pool_init(C, pool_bn):
+  if not pool_bn:
+    return {}, {}
+  _, s = bn_init(C, affine=False)
+  return {}, {'bn': s}
+
+
+def _pool_apply(pool, params, stats, x, stride, train, depthwise):
+  del params, depthwise
+  y = pool(x, 3, stride, 1)
+  if not stats:
+    return y, stats
+  y, s = batch_norm({}, stats['bn'], y, train)
+  return y, {'bn': s}
+
+
+def _skip_init(rng, C, stride, affine):
+  return factorized_reduce_init(rng, C, C, affine) if stride == 2 else ({}, {})
+
+
+def _skip_apply(params, stats, x, stride, train, depthwise):
+  del depthwise
+  return factorized_reduce(params, stats, x, train) if stride == 2 else (x, stats)
+
+
+def _none_apply(params, stats, x, stride, train, depthwise):
+  del params, train, depthwise
+  return jnp.zeros_like(x[:, ::stride, ::stride, :]), stats
+
+
+class Op(NamedTuple):
+  """A primitive: ``init(rng, C, stride, affine, pool_bn)`` and ``apply(params, stats, x, stride, train,
+  depthwise)``."""
+  init: Callable
+  apply: Callable
+
+
+OPS = {
+    'none': Op(lambda rng, C, stride, affine, pool_bn: ({}, {}), _none_apply),
+    'max_pool_3x3': Op(lambda rng, C, stride, affine, pool_bn: _pool_init(C, pool_bn),
+                        functools.partial(_pool_apply, max_pool)),
+    'avg_pool_3x3': Op(lambda rng, C, stride, affine, pool_bn: _pool_init(C, pool_bn),
+                        functools.partial(_pool_apply, avg_pool)),
+    'skip_connect': Op(lambda rng, C, stride, affine, pool_bn: _skip_init(rng, C, stride, affine),
+                        _skip_apply),
+    'sep_conv_3x3': Op(lambda rng, C, stride, affine, pool_bn: _sep_init(rng, C, 3, affine),
+                        functools.partial(_sep_apply, 3)),
+    'sep_conv_5x5': Op(lambda rng, C, stride, affine, pool_bn: _sep_init(rng, C, 5, affine),
+                        functools.partial(_sep_apply, 5)),
+    'dil_conv_3x3': Op(lambda rng, C, stride, affine, pool_bn: _dil_init(rng, C, 3, affine),
+                        functools.partial(_dil_apply, 3)),
+    'dil_conv_5x5': Op(lambda rng, C, stride, affine, pool_bn: _dil_init(rng, C, 5, affine),
+                        functools.partial(_dil_apply, 5)),
+}
+
+
+def check_primitive(name: str) -> None:
+  if name not in OPS:
+    raise ValueError(f'unknown operation {name!r}: choose one of {sorted(OPS)}')
+
+
+def is_identity(name: str, stride: int) -> bool:
+  """True for ops that leave their input untouched (drop-path skips them, as in NetworkCIFAR)."""
+  return name == 'skip_connect' and stride == 1

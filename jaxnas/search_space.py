@@ -1,0 +1,223 @@
+"""Search spaces, the mixed operation, the search cell and the supernet (DARTS and DSARA from one code path).
+
+The architecture parameters (alphas) are a separate pytree ``{cell_type: (n_edges, n_ops)}`` passed to
+``Supernet.apply``; they are never module state, so weights and alphas get separate optimizers and
+gradients.
+
+Speed: a cell's edge weights are stacked, and its edges run as one ``lax.scan`` in node-major order over a
+buffer of states, so the compiled program holds one mixed-op body per cell (two in a reduction cell, whose
+stride-2 edges are ``vmap``ped); identical cells run under ``lax.scan`` too (see ``cells``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnas import cells, genotypes, ops
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+  """A DARTS-family search space: primitives, cell type per stage and width multiplier per stage."""
+  name: str
+  primitives: tuple[str, ...]
+  stage_types: tuple[str, str, str]
+  widths: tuple[int, int, int]
+
+  @property
+  def cell_types(self) -> tuple[str, ...]:
+    """Alpha / genotype keys: the normal cell types in order of first use, then 'reduce'."""
+    return tuple(dict.fromkeys(self.stage_types)) + ('reduce',)
+
+
+DARTS = SearchSpace('darts', ops.DARTS_PRIMITIVES, ('normal', 'normal', 'normal'), (1, 2, 4))
+DSARA = SearchSpace('dsara', ops.DSARA_PRIMITIVES, ('accurate', 'accurate', 'robust'), (1, 2, 2))
+SPACES = {'darts': DARTS, 'dsara': DSARA}
+
+PLACEMENTS = {'A-A-R': ('accurate', 'accurate', 'robust'), 'R-A-A': ('robust', 'accurate', 'accurate'),
+              'A-R-A': ('accurate', 'robust', 'accurate'), 'A-A-A': ('accurate',) * 3,
+              'R-R-R': ('robust',) * 3, 'A-R-R': ('accurate', 'robust', 'robust')}
+
+
+def make_space(name: str = 'darts', placement: str | None = None, widths: Sequence[int] | None = None,
+               primitives: Sequence[str] | None = None) -> SearchSpace:
+  """A search space by name, with DSARA's ablation switches (placement like 'A-A-R', widths like 1-2-4)."""
+  if name not in SPACES:
+    raise ValueError(f'unknown search space {name!r}: choose one of {sorted(SPACES)}')
+  space = SPACES[name]
+  if placement is not None:
+    if placement not in PLACEMENTS:
+      raise ValueError(f'unknown cell placement {placement!r}: choose one of {sorted(PLACEMENTS)}')
+    space = dataclasses.replace(space, stage_types=PLACEMENTS[placement])
+  if widths is not None:
+    space = dataclasses.replace(space, widths=tuple(int(w) for w in widths))
+  if primitives is not None:
+    for p in primitives:
+      ops.check_primitive(p)
+    space = dataclasses.replace(space, primitives=tuple(primitives))
+  return space
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixed operation and search cell.
+# ------------------------------------------------------------------------------------------------
+def mixed_op(primitives, params, stats, x, weights, stride, train, depthwise):
+  """DARTS Eq. (2): sum over ops of softmax(alpha)_o * o(x); 'none' contributes exactly zero."""
+  out, new_stats = 0.0, {}
+  for k, name in enumerate(primitives):
+    if name == 'none':
+      continue
+    y, new_stats[name] = ops.OPS[name].apply(params[name], stats[name], x, stride, train, depthwise)
+    out = out + weights[k].astype(y.dtype) * y
+  return out, new_stats
+
+
+def _mixed_op_init(primitives, rng, C, stride):
+  params, stats = {}, {}
+  for name in primitives:
+    params[name], stats[name] = ops.OPS[name].init(rng, C, stride, False, True)
+  return params, stats
+
+
+def search_cell_init(rng, spec: cells.CellSpec, primitives, steps):
+  """Edge weights are stacked on a leading axis in the original edge order (node-major)."""
+  params, stats = cells.preprocess_init(rng, spec, affine=False)
+  per_edge = [_mixed_op_init(primitives, rng, spec.c, 2 if spec.reduction and j < 2 else 1)
+              for _, j in genotypes.edge_index(steps)]
+  if spec.reduction:  # stride-2 edges (FactorizedReduce skip) and stride-1 edges differ in structure
+    first = [e for e, (_, j) in enumerate(genotypes.edge_index(steps)) if j < 2]
+    rest = [e for e, (_, j) in enumerate(genotypes.edge_index(steps)) if j >= 2]
+    params['edges'] = [cells.stack_trees([per_edge[e][0] for e in es], np) for es in (first, rest)]
+    stats['edges'] = [cells.stack_trees([per_edge[e][1] for e in es], np) for es in (first, rest)]
+  else:
+    params['edges'] = cells.stack_trees([p for p, _ in per_edge], np)
+    stats['edges'] = cells.stack_trees([s for _, s in per_edge], np)
+  return params, stats
+
+
+def _scan_edges(run, params, stats, weights, buffer, sources, targets):
+  """Runs edges in node-major order under ``lax.scan``: buffer[t] += mixed_op(buffer[s]). Node-major order
+  guarantees every state an edge reads is complete; one mixed-op body is compiled for all the edges."""
+  def body(buf, xs):
+    p, s, w, src, dst = xs
+    y, new_s = run(p, s, buf[src], w)
+    return buf.at[dst].add(y), new_s
+  xs = (params, stats, weights, jnp.asarray(sources), jnp.asarray(targets))
+  return jax.lax.scan(body, buffer, xs)
+
+
+def search_cell(spec: cells.CellSpec, params, stats, s0, s1, weights, *, primitives, steps, multiplier,
+                train, depthwise):
+  """A DARTS search cell: node i = sum of mixed ops over all earlier states (DARTS Eq. 1)."""
+  s0, s1, new_stats = cells.preprocess(spec, params, stats, s0, s1, train)
+  edges = genotypes.edge_index(steps)
+  run = lambda stride: functools.partial(mixed_op, primitives, stride=stride, train=train,
+                                         depthwise=depthwise)
+  if spec.reduction:
+    # The 8 stride-2 edges read the cell inputs: one vmapped mixed op; then the 6 stride-1 edges between
+    # intermediate nodes run as a scan over a buffer of the nodes.
+    first = np.array([e for e, (_, j) in enumerate(edges) if j < 2])
+    rest = [(e, i, j) for e, (i, j) in enumerate(edges) if j >= 2]
+    y0, st0 = jax.vmap(lambda p, s, x, w: run(2)(p, s, x, w))(
+        params['edges'][0], stats['edges'][0], jnp.stack([s0, s1] * steps), weights[first])
+    nodes = y0.reshape((steps, 2) + y0.shape[1:]).sum(axis=1)
+    nodes, st1 = _scan_edges(run(1), params['edges'][1], stats['edges'][1],
+                             weights[np.array([e for e, _, _ in rest])], nodes,
+                             [j - 2 for _, _, j in rest], [i for _, i, _ in rest])
+    new_stats['edges'] = [st0, st1]
+  else:
+    buffer = jnp.concatenate([jnp.stack([s0, s1]), jnp.zeros((steps,) + s1.shape, s1.dtype)])
+    buffer, new_stats['edges'] = _scan_edges(run(1), params['edges'], stats['edges'], weights, buffer,
+                                             [j for _, j in edges], [i + 2 for i, _ in edges])
+    nodes = buffer[2:]
+  return jnp.concatenate(list(nodes[steps - multiplier:]), axis=-1), new_stats
+
+
+@dataclasses.dataclass(frozen=True)
+class Supernet:
+  """The DARTS-family search network (quark0/darts ``model_search.Network``; DSARA with its space).
+
+  ``variables = net.init(rng, x)``; ``alphas = net.init_alphas(rng)``;
+  ``logits, new_batch_stats = net.apply(variables, alphas, x, train=True)``;
+  ``net.apply(variables, alphas, x)`` (inference: running statistics) returns logits only.
+  Inputs are NHWC in [0, 1] when ``mean``/``std`` are given (normalisation is inside the model).
+  """
+  space: SearchSpace = DARTS
+  init_channels: int = 16
+  layers: int = 8
+  num_classes: int = 10
+  steps: int = 4
+  multiplier: int = 4
+  stem_multiplier: int = 3
+  mean: tuple[float, ...] | None = None
+  std: tuple[float, ...] | None = None
+  depthwise: str = 'auto'
+
+  @property
+  def plan(self) -> list[cells.CellSpec]:
+    return cells.cell_plan(self.layers, self.init_channels, self.space.stage_types, self.space.widths,
+                           self.multiplier, self.stem_multiplier)
+
+  @property
+  def num_edges(self) -> int:
+    return sum(i + 2 for i in range(self.steps))
+
+  def init_alphas(self, rng) -> dict[str, jax.Array]:
+    """alphas ~ 1e-3 * N(0, 1), shape (n_edges, n_ops), one tensor per cell type."""
+    shape = (self.num_edges, len(self.space.primitives))
+    return {t: 1e-3 * jax.random.normal(jax.random.fold_in(rng, k), shape)
+            for k, t in enumerate(self.space.cell_types)}
+
+  def init(self, rng, x) -> dict:
+    """Weights with PyTorch's default initialisation, seeded by ``rng``; ``x`` gives the input shape."""
+    gen = ops.numpy_rng(rng)
+    stem_p, stem_s = cells.stem_init(gen, x.shape[-1], self.stem_multiplier * self.init_channels)
+    cell_p, cell_s = [], []
+    for spec in self.plan:
+      p, s = search_cell_init(gen, spec, self.space.primitives, self.steps)
+      cell_p.append(p)
+      cell_s.append(s)
+    head = cells.linear_init(gen, self.multiplier * self.plan[-1].c, self.num_classes)
+    return cells.as_variables({'stem': stem_p, 'cells': cell_p, 'classifier': head},
+                              {'stem': stem_s, 'cells': cell_s}, x.dtype)
+
+  def apply(self, variables, alphas: Mapping[str, jax.Array], x, train: bool = False,
+            return_features: bool = False):
+    """Forward pass. Train mode returns ``(logits, new_batch_stats)``; inference returns ``logits``.
+    With ``return_features`` the list of every cell's output is appended (RNAS' feature distortion)."""
+    params, stats = variables['params'], variables['batch_stats']
+    missing = set(self.space.cell_types) - set(alphas)
+    if missing:
+      raise ValueError(f'alphas lack cell types {sorted(missing)}: expected keys {self.space.cell_types}')
+    weights = {t: jax.nn.softmax(a, axis=-1) for t, a in alphas.items()}
+    h = cells.normalize(x, self.mean, self.std)
+    h, stem_s = cells.stem_apply(params['stem'], stats['stem'], h, train)
+
+    def cell_fn(spec, p, s, s0, s1, rng):
+      del rng
+      return search_cell(spec, p, s, s0, s1, weights[spec.cell_type], primitives=self.space.primitives,
+                         steps=self.steps, multiplier=self.multiplier, train=train,
+                         depthwise=self.depthwise)
+
+    s1, cell_s, features = cells.run_cells(cell_fn, self.plan, params['cells'], stats['cells'], h, h, None,
+                                           collect=return_features)
+    logits = cells.classifier_head(params['classifier'], s1)
+    out = (logits, {'stem': stem_s, 'cells': cell_s}) if train else (logits,)
+    out = out + (features,) if return_features else out
+    return out if len(out) > 1 else out[0]
+
+  def logits_fn(self, variables, alphas):
+    """``x -> logits`` in inference mode (running BN statistics), for attacks and certification."""
+    fn = lambda x: self.apply(variables, alphas, x, train=False)
+    fn.inference_mode = True
+    return fn
+
+  def derive(self, alphas) -> genotypes.Genotype:
+    """The genotype of the alphas by the original ``_parse`` rule."""
+    return genotypes.derive({t: np.asarray(alphas[t]) for t in self.space.cell_types},
+                            self.space.primitives, self.steps, self.multiplier)

@@ -1,0 +1,94 @@
+"""Parity of ops, supernet and evaluation networks with the original PyTorch code (../shared/fixtures)."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxnas import genotypes, interop, networks, search_space
+
+# fixtures/README.md: 1e-5 relative in float32, 1e-9 in float64, relative to the scale of the reference
+# (element-wise relative error is meaningless for outputs near zero: PyTorch's own float32 run of the
+# DARTS_V2 auxiliary head differs from the float64 fixture by 5e-5 relative on its smallest logit).
+RTOL = {jnp.float32: 1e-5, jnp.float64: 1e-9}
+
+
+def assert_close(actual, expected, dtype):
+  expected = np.asarray(expected)
+  scale = np.abs(expected).max()
+  np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=RTOL[dtype],
+                             atol=RTOL[dtype] * scale)
+DTYPES = [pytest.param(jnp.float64, id='f64'), pytest.param(jnp.float32, id='f32')]
+
+
+@pytest.fixture(params=DTYPES)
+def dtype(request):
+  if request.param == jnp.float64:
+    jax.config.update('jax_enable_x64', True)
+  yield request.param
+  jax.config.update('jax_enable_x64', False)
+
+
+def _load(shared_dir, name):
+  return dict(np.load(shared_dir / 'fixtures' / f'{name}.npz'))
+
+
+def _nhwc(a, dtype):
+  return jnp.asarray(a.transpose(0, 2, 3, 1), dtype)
+
+
+def _undo_one_train_update(saved, new):
+  """The fixture's state_dict was saved after the train-mode forward that produced ``logits_train``, so its
+  running statistics include one PyTorch update r' = 0.9 r + 0.1 b (unbiased var); ``new`` = 0.9 r' + 0.1 b
+  is our own update from r', hence r = (1.9 r' - new) / 0.9."""
+  return jax.tree.map(lambda s, n: (1.9 * s - n) / 0.9, saved, new)
+
+
+def test_darts_v2_eval_network(shared_dir, dtype):
+  d = _load(shared_dir, 'darts_v2_eval_network')
+  net = networks.EvalNetwork(genotypes.get('DARTS_V2'), init_channels=8, layers=5, num_classes=10,
+                             auxiliary=True)
+  v = interop.from_torch_state_dict(shared_dir / 'fixtures' / 'darts_v2_eval_network.npz', net, dtype=dtype)
+  x = _nhwc(d['input_nchw'], dtype)
+  logits, aux, new_stats = jax.jit(lambda v, x: net.apply(v, x, train=True))(v, x)
+  assert_close(logits, d['logits_train'], dtype)
+  assert_close(aux, d['logits_aux_train'], dtype)
+  v_eval = {'params': v['params'], 'batch_stats': _undo_one_train_update(v['batch_stats'], new_stats)}
+  assert_close(jax.jit(net.apply)(v_eval, x), d['logits_eval'], dtype)
+  # The saved statistics are exactly our running-statistics update from the recovered ones.
+  _, _, again = jax.jit(lambda v, x: net.apply(v, x, train=True))(v_eval, x)
+  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(v['batch_stats'])):
+    assert_close(a, b, dtype)
+
+
+def test_dsara_eval_network(shared_dir, dtype):
+  d = _load(shared_dir, 'dsara_arnas_eval_network')
+  net = networks.EvalNetwork(genotypes.get('DSARA'), init_channels=8, layers=5, num_classes=10, auxiliary=True)
+  assert [s.c for s in net.plan] == [8, 16, 16, 16, 16]  # 1-2-2 widths
+  assert [s.cell_type for s in net.plan] == ['accurate', 'reduce', 'accurate', 'reduce', 'robust']
+  v = interop.from_torch_state_dict(shared_dir / 'fixtures' / 'dsara_arnas_eval_network.npz', net,
+                                    dtype=dtype)
+  assert_close(jax.jit(net.apply)(v, _nhwc(d['input_nchw'], dtype)), d['logits_eval'], dtype)
+
+
+def test_darts_search_supernet(shared_dir, dtype):
+  d = _load(shared_dir, 'darts_search_supernet')
+  net = search_space.Supernet(init_channels=4, layers=5, num_classes=10)
+  v = interop.from_torch_state_dict(shared_dir / 'fixtures' / 'darts_search_supernet.npz', net, dtype=dtype)
+  x = _nhwc(d['input_nchw'], dtype)
+  alphas = {'normal': jnp.asarray(d['alphas_normal'], dtype), 'reduce': jnp.asarray(d['alphas_reduce'], dtype)}
+
+  def loss(alphas, x):
+    logits, _ = net.apply(v, alphas, x, train=True)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), d['labels'][:, None], 1)), logits
+
+  (value, logits), (g_alpha, g_x) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(alphas, x)
+  assert_close(logits, d['logits_train'], dtype)
+  assert_close(value, d['loss'], dtype)
+  assert_close(g_alpha['normal'], d['grad_alphas_normal'], dtype)
+  assert_close(g_alpha['reduce'], d['grad_alphas_reduce'], dtype)
+  assert_close(g_x, _nhwc(d['grad_input_nchw'], dtype), dtype)
+  derived = net.derive(alphas)
+  assert derived == genotypes.Genotype.from_json(str(d['derived_genotype_json']))
+  assert derived.to_dict() == json.loads(str(d['derived_genotype_json']))
