@@ -38,12 +38,21 @@ DSARA_PRIMITIVES = DARTS_PRIMITIVES[1:]
 # ------------------------------------------------------------------------------------------------
 # Building blocks.
 # ------------------------------------------------------------------------------------------------
+FORMULATIONS = ('shift', 'autodiff', 'grouped')
+
+
 def resolve_depthwise(depthwise: str) -> str:
-  """Chooses the depthwise formulation: 'shift' on CPU, 'grouped' elsewhere, unless given."""
+  """The window-op formulation: 'shift' on CPU, 'grouped' elsewhere, unless given.
+
+  'shift': shifted multiply-adds with hand-written VJPs whose backward pass is again a forward-style
+  window sum (fast on XLA:CPU; reverse mode of any order, no forward mode). 'autodiff': the same sums with
+  plain JAX autodiff (every AD mode, e.g. ``jax.jvp`` for exact Hessian-vector products; slower
+  gradients). 'grouped': ``feature_group_count`` convolutions (vendor kernels on GPU/TPU).
+  """
   if depthwise == 'auto':
     return 'shift' if jax.default_backend() == 'cpu' else 'grouped'
-  if depthwise not in ('shift', 'grouped'):
-    raise ValueError(f"unknown depthwise formulation {depthwise!r}: use 'auto', 'shift' or 'grouped'")
+  if depthwise not in FORMULATIONS:
+    raise ValueError(f"unknown depthwise formulation {depthwise!r}: use 'auto' or one of {FORMULATIONS}")
   return depthwise
 
 
@@ -102,40 +111,111 @@ def _out_size(size, k, stride, padding, dilation=1):
   return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
 
-def _shifted_windows(xp, k, stride, dilation, out_h, out_w):
-  """Yields (i, j, window) for the k*k strided views of a padded NHWC input."""
-  for i in range(k):
-    for j in range(k):
-      yield i, j, xp[:, i * dilation:i * dilation + (out_h - 1) * stride + 1:stride,
-                     j * dilation:j * dilation + (out_w - 1) * stride + 1:stride, :]
+def _windows(xp, k, stride, dilation, out_h, out_w):
+  """The k*k strided views of a padded NHWC input, tap-major."""
+  return [xp[:, i * dilation:i * dilation + (out_h - 1) * stride + 1:stride,
+             j * dilation:j * dilation + (out_w - 1) * stride + 1:stride, :]
+          for i in range(k) for j in range(k)]
+
+
+def _window_sum(xp, w, stride, dilation, out_hw):
+  """y = sum_t window_t(xp) * w[t] for per-channel tap weights ``w`` of shape (k, k, C)."""
+  k = w.shape[0]
+  out = None
+  for t, window in enumerate(_windows(xp, k, stride, dilation, *out_hw)):
+    term = window * w[t // k, t % k]
+    out = term if out is None else out + term
+  return out
+
+
+def _spread(g, k, stride, dilation, padded_hw):
+  """Places the cotangent g (B, Ho, Wo, C) at the window origins: G[e + i*stride] = g[i], zeros elsewhere,
+  with e = (k-1)*dilation, so that the adjoint of the window map is a stride-1 window sum over G."""
+  e = (k - 1) * dilation
+  rem = [p - (n - 1) * stride - 1 for p, n in zip(padded_hw, g.shape[1:3])]
+  return lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (e, e + rem[0], stride - 1),
+                                             (e, e + rem[1], stride - 1), (0, 0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _shift_conv(xp, w, stride, dilation, out_hw):
+  return _window_sum(xp, w, stride, dilation, out_hw)
+
+
+def _shift_conv_fwd(xp, w, stride, dilation, out_hw):
+  return _window_sum(xp, w, stride, dilation, out_hw), (xp, w)
+
+
+def _shift_conv_bwd(stride, dilation, out_hw, res, g):
+  xp, w = res
+  k = w.shape[0]
+  dxp = _window_sum(_spread(g, k, stride, dilation, xp.shape[1:3]), w[::-1, ::-1], 1, dilation,
+                    xp.shape[1:3])
+  dw = jnp.stack([jnp.sum(g * window, axis=(0, 1, 2)) for window in _windows(xp, k, stride, dilation, *out_hw)])
+  return dxp, dw.reshape(w.shape)
+
+
+_shift_conv.defvjp(_shift_conv_fwd, _shift_conv_bwd)
+
+
+def _window_max(xp, k, stride, out_hw):
+  out = None
+  for window in _windows(xp, k, stride, 1, *out_hw):
+    out = window if out is None else jnp.maximum(out, window)
+  return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _shift_max(xp, k, stride, out_hw):
+  return _window_max(xp, k, stride, out_hw)
+
+
+def _shift_max_fwd(xp, k, stride, out_hw):
+  y = _window_max(xp, k, stride, out_hw)
+  return y, (xp, y)
+
+
+def _shift_max_bwd(k, stride, out_hw, res, g):
+  """Gradient to the maximal input of each window (ties, of measure zero here, each get the gradient)."""
+  del out_hw
+  xp, y = res
+  hw = xp.shape[1:3]
+  g_spread, y_spread = _spread(g, k, stride, 1, hw), _spread(y, k, stride, 1, hw)
+  dxp = None
+  for gw, yw in zip(_windows(g_spread, k, 1, 1, *hw), _windows(y_spread, k, 1, 1, *hw)):
+    term = jnp.where(xp == yw, gw, jnp.zeros_like(gw))
+    dxp = term if dxp is None else dxp + term
+  return (dxp,)
+
+
+_shift_max.defvjp(_shift_max_fwd, _shift_max_bwd)
+
+
+def _pad(x, padding, value=0.0):
+  return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=value)
 
 
 def depthwise_conv2d(x, kernel, stride, padding, dilation, depthwise):
   """Depthwise conv (PyTorch ``groups=C``), kernel ``(k, k, 1, C)``."""
   k = kernel.shape[0]
-  if resolve_depthwise(depthwise) == 'grouped':
+  impl = resolve_depthwise(depthwise)
+  if impl == 'grouped':
     return lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
                                     rhs_dilation=(dilation, dilation),
                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
                                     feature_group_count=x.shape[-1])
-  out_h = _out_size(x.shape[1], k, stride, padding, dilation)
-  out_w = _out_size(x.shape[2], k, stride, padding, dilation)
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  out = None
-  for i, j, window in _shifted_windows(xp, k, stride, dilation, out_h, out_w):
-    term = window * kernel[i, j, 0]
-    out = term if out is None else out + term
-  return out
+  out_hw = tuple(_out_size(s, k, stride, padding, dilation) for s in x.shape[1:3])
+  conv = _shift_conv if impl == 'shift' else _window_sum
+  return conv(_pad(x, padding), kernel[:, :, 0, :], stride, dilation, out_hw)
 
 
-def max_pool(x, k, stride, padding):
-  """MaxPool2d with -inf padding, as a max over k*k shifted slices (fast gradient on XLA:CPU)."""
-  out_h, out_w = (_out_size(s, k, stride, padding) for s in x.shape[1:3])
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
-  out = None
-  for _, _, window in _shifted_windows(xp, k, stride, 1, out_h, out_w):
-    out = window if out is None else jnp.maximum(out, window)
-  return out
+def max_pool(x, k, stride, padding, depthwise='autodiff'):
+  """MaxPool2d with -inf padding, as a max over k*k shifted slices."""
+  out_hw = tuple(_out_size(s, k, stride, padding) for s in x.shape[1:3])
+  xp = _pad(x, padding, -jnp.inf)
+  if resolve_depthwise(depthwise) == 'shift':
+    return _shift_max(xp, k, stride, out_hw)
+  return _window_max(xp, k, stride, out_hw)
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,13 +227,12 @@ def _valid_counts(h, w, k, stride, padding):
   return counts[None, :, :, None]
 
 
-def avg_pool(x, k, stride, padding):
+def avg_pool(x, k, stride, padding, depthwise='autodiff'):
   """AvgPool2d with ``count_include_pad=False``."""
-  out_h, out_w = (_out_size(s, k, stride, padding) for s in x.shape[1:3])
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  total = None
-  for _, _, window in _shifted_windows(xp, k, stride, 1, out_h, out_w):
-    total = window if total is None else total + window
+  out_hw = tuple(_out_size(s, k, stride, padding) for s in x.shape[1:3])
+  ones = jnp.ones((k, k, x.shape[-1]), x.dtype)
+  conv = _shift_conv if resolve_depthwise(depthwise) == 'shift' else _window_sum
+  total = conv(_pad(x, padding), ones, stride, 1, out_hw)
   counts = _valid_counts(x.shape[1], x.shape[2], k, stride, padding)
   return total / jnp.asarray(counts, x.dtype)
 
@@ -227,8 +306,8 @@ def _pool_init(C, pool_bn):
 
 
 def _pool_apply(pool, params, stats, x, stride, train, depthwise):
-  del params, depthwise
-  y = pool(x, 3, stride, 1)
+  del params
+  y = pool(x, 3, stride, 1, depthwise)
   if not stats:
     return y, stats
   y, s = batch_norm({}, stats['bn'], y, train)
