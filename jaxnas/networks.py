@@ -61,6 +61,9 @@ def aux_head_init(rng, c_in, num_classes, spatial):
   """AuxiliaryHeadCIFAR: ReLU, AvgPool 5/3 (no pad), 1x1 conv 128, BN, ReLU, 2x2 conv 768, BN, ReLU, linear."""
   (b1, s1), (b2, s2) = ops.bn_init(128, True), ops.bn_init(768, True)
   pooled = (spatial - 5) // 3 + 1
+  if pooled < 2:
+    raise ValueError(f'the auxiliary head needs features of at least 8x8 after the second reduction (input '
+                     f'>= 32x32), got {spatial}x{spatial}: use auxiliary=False for smaller inputs')
   flat = 768 * (pooled - 1) ** 2
   return ({'conv1': ops.conv_init(rng, 1, c_in, 128), 'bn1': b1, 'conv2': ops.conv_init(rng, 2, 128, 768),
            'bn2': b2, 'classifier': cells.linear_init(rng, flat, num_classes)}, {'bn1': s1, 'bn2': s2})

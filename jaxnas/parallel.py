@@ -1,0 +1,90 @@
+"""Data parallelism over all devices and hosts with ``jax.jit`` + ``NamedSharding`` (pmap's successor).
+
+The batch is sharded over the ``data`` axis of a 1-D device mesh; weights, alphas, BN statistics and
+optimizer states are replicated. Because a jitted step computes the *global* mean loss of a sharded batch,
+XLA inserts the all-reduces itself: gradients of weights and alphas are averaged across devices (alphas stay
+identical everywhere — the classic DARTS DataParallel bug cannot happen), and BatchNorm statistics are
+computed over the global batch (synchronised BN, unlike per-device BN under ``pmap``). A step therefore gives
+the same result on 1 or N devices for the same global batch.
+
+Multi-host: every process calls ``initialize()`` (``jax.distributed.initialize``), reads its own disjoint
+slice of each global batch (``jaxnas.data.epoch_batches(process_index=..., process_count=...)``), and
+``global_batch`` assembles the global array with ``jax.make_array_from_process_local_data``.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = 'data'
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, cpu_collectives: str = 'gloo') -> None:
+  """Starts JAX's distributed runtime when this is a multi-process launch.
+
+  With no arguments, TPU pods, SLURM and Open MPI launches are detected by JAX itself; explicit
+  arguments (or the ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` environment
+  variables) serve any other launcher, e.g. several CPU processes on one machine.
+  """
+  coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  num_processes = num_processes or _int_env('JAX_NUM_PROCESSES')
+  process_id = process_id if process_id is not None else _int_env('JAX_PROCESS_ID')
+  if jax.config.jax_platforms in (None, '', 'cpu') and cpu_collectives:
+    jax.config.update('jax_cpu_collectives_implementation', cpu_collectives)
+  if coordinator_address:
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+  else:
+    jax.distributed.initialize()
+
+
+def _int_env(name):
+  value = os.environ.get(name)
+  return int(value) if value else None
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+  """A 1-D ``data`` mesh over all (or the first ``num_devices``) global devices."""
+  devices = jax.devices()
+  if num_devices is not None:
+    if num_devices > len(devices):
+      raise ValueError(f'asked for {num_devices} devices but only {len(devices)} exist: lower '
+                       'parallel.num_devices or launch on more devices')
+    devices = devices[:num_devices]
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over ``data``."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+  """The per-device batch size; the global batch must split evenly over devices and processes."""
+  n = mesh.devices.size
+  if global_batch_size % n or global_batch_size % jax.process_count():
+    raise ValueError(f'global batch size {global_batch_size} does not split over {n} devices / '
+                     f'{jax.process_count()} processes: choose a multiple of {n}')
+  return global_batch_size // n
+
+
+def global_batch(local_batch, mesh: Mesh):
+  """Assembles this process's slice of a global batch (a pytree of numpy arrays) into sharded global
+  arrays; on one process this is a sharded ``device_put``."""
+  sharding = batch_sharding(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(local_batch, sharding)
+  return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), local_batch)
+
+
+def replicate(tree, mesh: Mesh):
+  """Places a pytree (weights, alphas, optimizer states) replicated on every device of the mesh."""
+  return jax.device_put(tree, replicated(mesh))

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Run a jaxnas job on every worker of a Cloud TPU VM pod (data parallel over all chips of all hosts).
+#
+#   TPU_NAME=my-pod ZONE=us-central2-b ACCELERATOR=v4-32 \
+#     launch/tpu_pod.sh --config=configs/dsara.py --workdir=gs://my-bucket/runs/dsara
+#
+# Creates the pod if it does not exist (set CREATE=0 to skip), installs jaxnas on every worker and starts
+# `python -m jaxnas.main` on all of them at once (`--worker=all`). JAX detects the pod and
+# jax.distributed.initialize() needs no arguments there (config.parallel.distributed=True).
+set -euo pipefail
+: "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
+ACCELERATOR="${ACCELERATOR:-v4-32}"
+VERSION="${VERSION:-tpu-ubuntu2204-base}"
+REPO="${REPO:-https://github.com/jaxnas/jaxnas.git}"
+if [[ "${CREATE:-1}" == 1 ]] && ! gcloud compute tpus tpu-vm describe "$TPU_NAME" --zone "$ZONE" >/dev/null 2>&1; then
+  gcloud compute tpus tpu-vm create "$TPU_NAME" --zone "$ZONE" --accelerator-type "$ACCELERATOR" --version "$VERSION"
+fi
+run_all() { gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$1"; }
+run_all "set -e; [ -d jaxnas ] || git clone $REPO jaxnas; cd jaxnas && git pull --ff-only && \
+  pip install -U 'jax[tpu]' && pip install -e ."
+args=$(printf ' %q' "$@")
+run_all "cd jaxnas && python -m jaxnas.main --config.parallel.distributed=True$args"

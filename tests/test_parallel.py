@@ -1,0 +1,73 @@
+"""Data parallelism: a supernet step and an evaluation-network step on 8 CPU devices equal 1 device.
+
+XLA_FLAGS must be set before JAX starts, so the comparison runs in a subprocess with 8 host devices.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent('''
+    import jax, jax.numpy as jnp, numpy as np
+    jax.config.update('jax_enable_x64', True)
+    from jaxnas import genotypes, networks, parallel, search_space
+    assert jax.device_count() == 8, jax.devices()
+
+    def ce(logits, y):
+      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(16, 16, 16, 3))
+    y = rng.integers(0, 10, 16)
+
+    net = search_space.Supernet(init_channels=2, layers=3)
+    v = net.init(jax.random.PRNGKey(0), x)
+    alphas = net.init_alphas(jax.random.PRNGKey(1))
+    def search_loss(params, alphas, stats, x, y):
+      logits, new_stats = net.apply({'params': params, 'batch_stats': stats}, alphas, x, train=True)
+      return ce(logits, y), new_stats
+    step = jax.jit(jax.value_and_grad(search_loss, (0, 1), has_aux=True))
+    single = step(v['params'], alphas, v['batch_stats'], x, y)
+
+    mesh = parallel.make_mesh()
+    assert parallel.check_batch_size(16, mesh) == 2
+    rep = lambda t: parallel.replicate(t, mesh)
+    xb, yb = parallel.global_batch((x, y), mesh)
+    assert len(xb.sharding.device_set) == 8
+    sharded = step(rep(v['params']), rep(alphas), rep(v['batch_stats']), xb, yb)
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)):
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-10, atol=1e-12)
+    (_, _), (_, g_alpha) = sharded
+    for leaf in jax.tree.leaves(g_alpha):  # alphas' gradient identical on every device
+      shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+      assert len(shards) == 8 and all(np.array_equal(shards[0], s) for s in shards)
+
+    enet = networks.EvalNetwork(genotypes.get('DARTS_V2'), 2, 3)
+    ev = enet.init(jax.random.PRNGKey(2), x)
+    def train_loss(params, stats, x, y, key):
+      logits, _, new_stats = enet.apply({'params': params, 'batch_stats': stats}, x, train=True, rng=key,
+                                        drop_path_prob=0.2)
+      return ce(logits, y), new_stats
+    tstep = jax.jit(jax.value_and_grad(train_loss, has_aux=True))
+    key = jax.random.PRNGKey(3)
+    single = tstep(ev['params'], ev['batch_stats'], x, y, key)
+    sharded = tstep(rep(ev['params']), rep(ev['batch_stats']), xb, yb, rep(key))
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)):
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-10, atol=1e-12)
+    print('PARALLEL-OK')
+''')
+
+
+def test_eight_devices_match_one():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+  assert out.returncode == 0 and 'PARALLEL-OK' in out.stdout, out.stderr[-3000:]
+
+
+def test_mesh_errors():
+  import pytest  # pylint: disable=g-import-not-at-top
+  from jaxnas import parallel  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match='asked for 99 devices'):
+    parallel.make_mesh(99)
+  mesh = parallel.make_mesh()
+  assert parallel.check_batch_size(8, mesh) == 8 // mesh.devices.size
