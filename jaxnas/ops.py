@@ -111,21 +111,34 @@ def _out_size(size, k, stride, padding, dilation=1):
   return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
 
-def _windows(xp, k, stride, dilation, out_h, out_w):
-  """The k*k strided views of a padded NHWC input, tap-major."""
-  return [xp[:, i * dilation:i * dilation + (out_h - 1) * stride + 1:stride,
-             j * dilation:j * dilation + (out_w - 1) * stride + 1:stride, :]
-          for i in range(k) for j in range(k)]
+def _offsets(k, dilation):
+  return jnp.asarray([(i * dilation, j * dilation) for i in range(k) for j in range(k)], jnp.int32)
+
+
+def _window(xp, offset, stride, out_hw):
+  """The strided view of a padded NHWC input at a (traced) tap offset."""
+  size = (xp.shape[0], (out_hw[0] - 1) * stride + 1, (out_hw[1] - 1) * stride + 1, xp.shape[3])
+  zero = jnp.zeros((), offset.dtype)
+  window = lax.dynamic_slice(xp, (zero, offset[0], offset[1], zero), size)
+  return window[:, ::stride, ::stride, :] if stride > 1 else window
+
+
+def _tap_loop(step, init, k, dilation, extra=None):
+  """``lax.scan`` over the k*k taps: the compiled program holds one copy of the loop body whatever k is,
+  which keeps compile time of the 8-primitive mixed op small."""
+  return lax.scan(step, init, (_offsets(k, dilation),) + ((extra,) if extra is not None else ()))
 
 
 def _window_sum(xp, w, stride, dilation, out_hw):
   """y = sum_t window_t(xp) * w[t] for per-channel tap weights ``w`` of shape (k, k, C)."""
   k = w.shape[0]
-  out = None
-  for t, window in enumerate(_windows(xp, k, stride, dilation, *out_hw)):
-    term = window * w[t // k, t % k]
-    out = term if out is None else out + term
-  return out
+
+  def step(acc, tap):
+    offset, wt = tap
+    return acc + _window(xp, offset, stride, out_hw) * wt, None
+
+  init = jnp.zeros((xp.shape[0],) + tuple(out_hw) + (xp.shape[3],), xp.dtype)
+  return _tap_loop(step, init, k, dilation, w.reshape(k * k, -1))[0]
 
 
 def _spread(g, k, stride, dilation, padded_hw):
@@ -151,7 +164,8 @@ def _shift_conv_bwd(stride, dilation, out_hw, res, g):
   k = w.shape[0]
   dxp = _window_sum(_spread(g, k, stride, dilation, xp.shape[1:3]), w[::-1, ::-1], 1, dilation,
                     xp.shape[1:3])
-  dw = jnp.stack([jnp.sum(g * window, axis=(0, 1, 2)) for window in _windows(xp, k, stride, dilation, *out_hw)])
+  step = lambda carry, tap: (carry, jnp.sum(g * _window(xp, tap[0], stride, out_hw), axis=(0, 1, 2)))
+  dw = _tap_loop(step, None, k, dilation)[1]
   return dxp, dw.reshape(w.shape)
 
 
@@ -159,10 +173,9 @@ _shift_conv.defvjp(_shift_conv_fwd, _shift_conv_bwd)
 
 
 def _window_max(xp, k, stride, out_hw):
-  out = None
-  for window in _windows(xp, k, stride, 1, *out_hw):
-    out = window if out is None else jnp.maximum(out, window)
-  return out
+  step = lambda acc, tap: (jnp.maximum(acc, _window(xp, tap[0], stride, out_hw)), None)
+  init = jnp.full((xp.shape[0],) + tuple(out_hw) + (xp.shape[3],), -jnp.inf, xp.dtype)
+  return _tap_loop(step, init, k, 1)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -171,21 +184,34 @@ def _shift_max(xp, k, stride, out_hw):
 
 
 def _shift_max_fwd(xp, k, stride, out_hw):
-  y = _window_max(xp, k, stride, out_hw)
-  return y, (xp, y)
+  """Max and the index of the first maximal tap of each window (PyTorch's tie-breaking)."""
+  def step(carry, tap):
+    best, arg = carry
+    window = _window(xp, tap[0], stride, out_hw)
+    better = window > best
+    return (jnp.where(better, window, best), jnp.where(better, tap[1], arg)), None
+
+  shape = (xp.shape[0],) + tuple(out_hw) + (xp.shape[3],)
+  init = (jnp.full(shape, -jnp.inf, xp.dtype), jnp.zeros(shape, jnp.int32))
+  (y, arg), _ = _tap_loop(step, init, k, 1, jnp.arange(k * k, dtype=jnp.int32))
+  return y, (jnp.zeros(xp.shape[1:3], jnp.int8), arg)
 
 
 def _shift_max_bwd(k, stride, out_hw, res, g):
-  """Gradient to the maximal input of each window (ties, of measure zero here, each get the gradient)."""
+  """Each window's gradient goes to its first maximal input, as in PyTorch's max_pool2d (ties are common in a
+  supernet: max-pool plateaus feed later max-pools)."""
   del out_hw
-  xp, y = res
-  hw = xp.shape[1:3]
-  g_spread, y_spread = _spread(g, k, stride, 1, hw), _spread(y, k, stride, 1, hw)
-  dxp = None
-  for gw, yw in zip(_windows(g_spread, k, 1, 1, *hw), _windows(y_spread, k, 1, 1, *hw)):
-    term = jnp.where(xp == yw, gw, jnp.zeros_like(gw))
-    dxp = term if dxp is None else dxp + term
-  return (dxp,)
+  hw_marker, arg = res
+  hw = hw_marker.shape
+  e = k - 1
+
+  def step(acc, tap):
+    offset, t = tap
+    spread = _spread(jnp.where(arg == t, g, jnp.zeros_like(g)), k, stride, 1, hw)
+    return acc + _window(spread, e - offset, 1, hw), None
+
+  init = jnp.zeros((g.shape[0],) + tuple(hw) + (g.shape[3],), g.dtype)
+  return (_tap_loop(step, init, k, 1, jnp.arange(k * k, dtype=jnp.int32))[0],)
 
 
 _shift_max.defvjp(_shift_max_fwd, _shift_max_bwd)

@@ -41,6 +41,21 @@ def test_pool_vjps_equal_autodiff(x64, pool, stride, size):
   np.testing.assert_allclose(out['shift'][1], out['autodiff'][1], rtol=1e-12, atol=1e-12)
 
 
+def test_max_pool_ties_follow_pytorch(x64):
+  """Plateaus (a max pool of a max pool) create ties: the gradient goes to the first maximal element."""
+  torch = pytest.importorskip('torch')
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 8, 8, 3))
+  for stride in (1, 2):
+    xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    pooled = torch.nn.functional.max_pool2d(torch.nn.functional.max_pool2d(xt, 3, 1, 1), 3, stride, 1)
+    g = rng.normal(size=pooled.shape)
+    (pooled * torch.tensor(g)).sum().backward()
+    f = lambda x: jnp.sum(jnp.asarray(g.transpose(0, 2, 3, 1)) *
+                          ops.max_pool(ops.max_pool(x, 3, 1, 1, 'shift'), 3, stride, 1, 'shift'))
+    np.testing.assert_allclose(jax.grad(f)(jnp.asarray(x)), xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-12)
+
+
 def test_second_order_reverse_mode_through_custom_vjps(x64):
   """Double backprop (AdvRush's curvature term differentiates an input gradient) matches plain autodiff."""
   rng = np.random.default_rng(0)
