@@ -5,10 +5,14 @@ import argparse
 import sys
 
 from jaxnas import describe
+from jaxnas import report
+from jaxnas import viz
 
 # name -> (module with build_parser(parser) and run(args), one-line help)
 COMMANDS = {
     'describe': (describe, 'parameters and MACs of a genotype\'s evaluation network'),
+    'viz': (viz, 'redraw the pictures of a workdir into WORKDIR/figures (cells, curves, alphas)'),
+    'compare': (report, 'Markdown table comparing several workdirs (params, MACs, accuracies, search cost)'),
 }
 
 

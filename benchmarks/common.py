@@ -1,0 +1,176 @@
+"""Timing harness shared by the benchmark scripts.
+
+jaxnas side: ahead-of-time ``lower`` + ``compile`` timed separately from execution, median step time over
+repeats after warm-up (``block_until_ready``), XLA's FLOP count of the compiled step, peak memory. PyTorch
+side: the same median over repeats after warm-up, run in the same process so that results are ratios.
+Each script prints one JSON object per configuration on stdout and a short table on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+import jax
+
+# Dense peak FLOP/s per device kind for the 'fraction of peak' figure (vendor data sheets, SXM parts):
+# float32 work runs on TF32 tensor cores under XLA's default matmul precision on these GPUs.
+PEAK_FLOPS = {
+    'H100': {'float32': 494.7e12, 'bfloat16': 989.4e12},
+    'H200': {'float32': 494.7e12, 'bfloat16': 989.4e12},
+    'A100': {'float32': 156e12, 'bfloat16': 312e12},
+}
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+  """The flags every benchmark shares."""
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument('--quick', action='store_true', help='tiny sizes and few repeats (CI smoke run)')
+  p.add_argument('--repeats', type=int, default=5, help='timed steps (median reported)')
+  p.add_argument('--warmup', type=int, default=1, help='untimed steps after compilation')
+  p.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference even if installed')
+  p.add_argument('--torch-threads', type=int, nargs='+', default=None,
+                 help='intra-op thread counts to time PyTorch with; the fastest counts '
+                      '(default: os.cpu_count() and 1)')
+  p.add_argument('--json-out', default=None, help='also append the JSON lines to this file')
+  return p
+
+
+def torch_or_none(args):
+  """The torch module, or None when it is missing or ``--no-torch`` was given."""
+  if args.no_torch:
+    return None
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return torch
+
+
+def machine_info() -> dict:
+  """Versions, backend, device and load: what a reader needs to judge a number."""
+  info = {
+      'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      'python': platform.python_version(), 'platform': platform.platform(), 'cpu_count': os.cpu_count(),
+      'load_average_1m': os.getloadavg()[0], 'jax': jax.__version__, 'backend': jax.default_backend(),
+      'device': jax.devices()[0].device_kind, 'num_devices': jax.device_count(),
+  }
+  for name in ('jaxlib', 'flax', 'optax', 'torch'):
+    try:
+      info[name] = __import__(name).__version__
+    except ImportError:
+      info[name] = None
+  return info
+
+
+def log(message: str) -> None:
+  """Progress on stderr (stdout carries only the JSON results)."""
+  print(f'[{time.strftime("%H:%M:%S")}] {message}', file=sys.stderr, flush=True)
+
+
+def block(tree):
+  return jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, 'block_until_ready') else a, tree)
+
+
+def _median_time(call: Callable[[], object], repeats: int, warmup: int) -> tuple[float, list[float]]:
+  for _ in range(warmup):
+    call()
+  times = []
+  for _ in range(max(repeats, 1)):
+    t0 = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), times
+
+
+def time_jax(fn: Callable, args: Sequence, repeats: int, warmup: int, dtype: str = 'float32') -> dict:
+  """Compile ``jax.jit(fn)`` ahead of time on ``args`` and time its steady-state execution.
+
+  ``compile_s`` = trace/lower + XLA compile; ``step_s`` = median wall time of the compiled call.
+  Returns also the compiled function's outputs (``'outputs'``) and XLA's FLOP count.
+  """
+  jitted = fn if hasattr(fn, 'lower') else jax.jit(fn)
+  t0 = time.perf_counter()
+  lowered = jitted.lower(*args)
+  t1 = time.perf_counter()
+  log(f'lowered in {t1 - t0:.1f} s; compiling')
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  log(f'compiled in {t2 - t1:.1f} s; timing {warmup} + {repeats} steps')
+  outputs = block(compiled(*args))
+  step_s, times = _median_time(lambda: block(compiled(*args)), repeats, warmup)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get('flops', 0.0)) if cost else None
+  result = {'lower_s': t1 - t0, 'compile_s': t2 - t0, 'step_s': step_s, 'step_times_s': times,
+            'flops_per_step': flops, 'achieved_flops_per_s': flops / step_s if flops else None,
+            'fraction_of_peak_flops': _fraction_of_peak(flops, step_s, dtype), 'outputs': outputs}
+  result.update(peak_memory())
+  return result
+
+
+def _fraction_of_peak(flops, step_s, dtype):
+  kind = jax.devices()[0].device_kind
+  for name, peaks in PEAK_FLOPS.items():
+    if name in kind and flops:
+      return flops / step_s / peaks[dtype]
+  return None
+
+
+def peak_memory() -> dict:
+  """GPU/TPU: the device allocator's peak bytes in use; CPU: the process' peak resident set size."""
+  stats = jax.devices()[0].memory_stats() if jax.default_backend() != 'cpu' else None
+  if stats and 'peak_bytes_in_use' in stats:
+    return {'peak_memory_bytes': int(stats['peak_bytes_in_use']), 'peak_memory_kind': 'device'}
+  rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+  return {'peak_memory_bytes': int(rss_kib) * 1024, 'peak_memory_kind': 'process_max_rss'}
+
+
+def time_torch(torch, step: Callable[[], object], repeats: int, warmup: int,
+               threads: Sequence[int] | None = None) -> dict:
+  """Median time of a PyTorch step for each intra-op thread count; the fastest one is reported.
+
+  On a loaded machine OpenMP threads that spin for busy cores can make PyTorch many times slower than
+  with one thread, so both ``os.cpu_count()`` and 1 are tried by default: the ratio uses PyTorch at its best.
+  """
+  threads = threads or sorted({os.cpu_count() or 1, 1}, reverse=True)
+  before = torch.get_num_threads()
+  per_threads = {}
+  try:
+    for n in threads:
+      log(f'timing PyTorch with {n} thread(s)')
+      torch.set_num_threads(n)
+      per_threads[n], _ = _median_time(step, repeats, warmup)
+  finally:
+    torch.set_num_threads(before)
+  best = min(per_threads, key=per_threads.get)
+  return {'torch_step_s': per_threads[best], 'torch_threads': best,
+          'torch_step_s_by_threads': {str(k): v for k, v in per_threads.items()}}
+
+
+def finish(results: list[dict], args, columns: Sequence[str]) -> None:
+  """Prints each result as one JSON line (stdout) and a short table (stderr); appends to ``--json-out``."""
+  lines = [json.dumps({k: v for k, v in r.items() if k != 'outputs'}, sort_keys=True) for r in results]
+  print('\n'.join(lines), flush=True)
+  if args.json_out:
+    with open(args.json_out, 'a') as f:
+      f.write('\n'.join(lines) + '\n')
+  print(table(results, columns), file=sys.stderr)
+
+
+def table(results: list[dict], columns: Sequence[str]) -> str:
+  def fmt(v):
+    if isinstance(v, float):
+      return f'{v:.4g}'
+    return '-' if v is None else str(v)
+
+  rows = [list(columns)] + [[fmt(r.get(c)) for c in columns] for r in results]
+  widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+  return '\n'.join('  '.join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
