@@ -71,6 +71,7 @@ def mixed_op(primitives, params, stats, x, weights, stride, train, depthwise):
   out, new_stats = 0.0, {}
   for k, name in enumerate(primitives):
     if name == 'none':
+      new_stats[name] = stats[name]
       continue
     y, new_stats[name] = ops.OPS[name].apply(params[name], stats[name], x, stride, train, depthwise)
     out = out + weights[k].astype(y.dtype) * y
