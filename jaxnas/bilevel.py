@@ -121,6 +121,11 @@ class Program:
       raise ValueError(f"arch.combiner='mgda' is the closed form for two objectives, the config has "
                        f"{len(self.upper)} upper objectives: use 'min_norm'")
 
+  @property
+  def lower_level(self) -> 'Program':
+    """The part the weight step depends on: methods with the same lower level share its compilation."""
+    return dataclasses.replace(self, upper=(), arch=ArchOptim(), projection=None)
+
 
 # ------------------------------------------------------------------------------------------------
 # Optimizers.
@@ -262,10 +267,13 @@ def _upper_fn(group, batch_stats, batch, key):
 
 
 def _project(program: Program, state: SearchState, alphas, val: dict):
-  """RNAS Eq. 9: the nearest alphas with ``F(alphas) <= bound`` at the current weights and val batch."""
+  """RNAS Eq. 9: the nearest alphas with ``F(alphas) <= bound`` at the current weights and val batch; an
+  attacking F keeps the adversarial examples of the alphas it starts from (``compose.fix_adversarial``)."""
   p = program.projection
   fn = compose.build(p.objective, program.model, program.input_shape)
   key = _step_key(state, _PROJECT)
+  val = compose.fix_adversarial(p.objective, program.model, program.input_shape, state.params,
+                                state.batch_stats, alphas, val, key)
   constraint = lambda a: fn(state.params, state.batch_stats, a, val, key)[0]
   result = combine.project_constraint(alphas, constraint, p.bound, bisection_steps=p.bisection_steps,
                                       inner_steps=p.inner_steps)

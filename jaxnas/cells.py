@@ -84,13 +84,16 @@ def stack_trees(trees, xp=jnp):
 
 def run_cells(cell_fn: Callable, plan: Sequence[CellSpec], params: Sequence, stats: Sequence, s0, s1,
               rng, *, split_after: Sequence[int] = (), on_output: Callable | None = None,
-              collect: bool = False):
+              collect: bool = False, remat: bool = False):
   """Runs all cells; ``cell_fn(spec, params, stats, s0, s1, rng) -> (out, new_stats)``.
 
   Segments of identical cells run under ``lax.scan``. ``on_output(index, s1)`` is called after each
   segment's last cell (used for the auxiliary head). Returns ``(s1, new_stats_list, features)`` where
-  ``features`` lists every cell's output when ``collect`` is set.
+  ``features`` lists every cell's output when ``collect`` is set. ``remat`` recomputes each cell's
+  activations in the backward pass instead of storing them (``jax.checkpoint``: memory for compute).
   """
+  if remat:
+    cell_fn = jax.checkpoint(cell_fn, static_argnums=(0,))
   new_stats, features = [None] * len(plan), []
   for seg in segments(plan, split_after):
     spec = plan[seg[0]]

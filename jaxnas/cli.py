@@ -5,13 +5,17 @@ import argparse
 import sys
 
 from jaxnas import describe
+from jaxnas import evaluate
+from jaxnas import probe
 from jaxnas import report
 from jaxnas import viz
 
 # name -> (module with build_parser(parser) and run(args), one-line help)
 COMMANDS = {
     'describe': (describe, 'parameters and MACs of a genotype\'s evaluation network'),
+    'evaluate': (evaluate, 'clean and robust accuracy of a trained network or a PyTorch state dict'),
     'viz': (viz, 'redraw the pictures of a workdir into WORKDIR/figures (cells, curves, alphas)'),
+    'probe': (probe, 'robustness metrics of searched supernets on held-out examples (curvature, Jacobian, ...)'),
     'compare': (report, 'Markdown table comparing several workdirs (params, MACs, accuracies, search cost)'),
 }
 

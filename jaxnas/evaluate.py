@@ -5,19 +5,30 @@ A point counts as robust under an attack when it is classified correctly both cl
 adversarial example. ``worst_case`` is the accuracy when every attack run is allowed to break a point.
 Each attack draws per-example randomness from ``(seed, attack, example index)``: results do not depend on
 ``batch_size``. The model must be an inference-mode ``logits_fn`` (``EvalNetwork.logits_fn(variables)``).
+
+Entry points: ``evaluate_robustness`` (the engine), ``evaluate_model`` (the engine plus certified radii, with
+the settings of a config's ``evaluate`` section, ``default_config``), the ``evaluate`` mode of
+``jaxnas.main`` (``evaluate_run``: the network trained in a workdir on its test split) and the command
+``jaxnas evaluate --checkpoint WORKDIR_OR_STATE_DICT`` (``build_parser`` / ``run``). Results are written as
+``evaluation.json`` and ``evaluation.md`` (``write_evaluation``); ``report.json`` is the whole run's report.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
+import sys
 import time
 from fractions import Fraction
 from typing import Callable, Optional, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 
+from jaxnas import certify, data, genotypes, interop, networks, train
+from jaxnas import workdir as workdir_lib
 from jaxnas.attacks import batching
 from jaxnas.attacks import cw
 from jaxnas.attacks import ensemble
@@ -188,15 +199,212 @@ def format_markdown(report: dict) -> str:
     lines += ['', f'Points broken by each component (clean = misclassified without attack): {broken or "none"}.']
     for warning in aa['warnings']:
       lines += ['', f'> Warning: {warning}']
+  if report.get('certified'):
+    lines += ['', '## Certified robustness', '', '| bound | norm | mean certified radius | certified at eps0 (%) |',
+              '| --- | --- | ---: | ---: |']
+    lines += [f'| {c["method"]} | {c["norm"]} | {c["mean_radius"]:.4g} | {100 * c["certified_at_eps0_fraction"]:.2f} '
+              f'(eps0 {c["eps0"]:g}) |' for c in report['certified'].values()]
   return '\n'.join(lines) + '\n'
 
 
-def write_report(report: dict, workdir: str) -> tuple[str, str]:
-  """Writes ``report.json`` and ``report.md`` into ``workdir`` (created if needed); returns both paths."""
-  os.makedirs(workdir, exist_ok=True)
-  json_path, md_path = os.path.join(workdir, 'report.json'), os.path.join(workdir, 'report.md')
+def write_evaluation(report: dict, directory: str) -> tuple[str, str]:
+  """Writes ``evaluation.json`` and ``evaluation.md`` into ``directory`` (created if needed); returns both
+  paths."""
+  os.makedirs(directory, exist_ok=True)
+  json_path, md_path = os.path.join(directory, EVALUATION_JSON), os.path.join(directory, 'evaluation.md')
   with open(json_path, 'w') as f:
     json.dump(report, f, indent=1)
   with open(md_path, 'w') as f:
     f.write(format_markdown(report))
   return json_path, md_path
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluating trained networks: settings, the evaluate mode and ``jaxnas evaluate``.
+# ------------------------------------------------------------------------------------------------
+EVALUATION_JSON = 'evaluation.json'
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The ``evaluate`` section of a config: what ``evaluate_model`` runs (the papers' table by default)."""
+  return ml_collections.ConfigDict(dict(
+      attacks=DEFAULT_ATTACKS,    # rows, from ATTACKS
+      eps=8 / 255, norm='linf',   # the threat model
+      step_size=0.0,              # PGD / CW_inf step; 0 = eps / 4 (2/255 at 8/255; AdvRush uses 0.01)
+      n_examples=0,               # the first N test images (0 = all)
+      batch_size=256, seed=0,
+      autoattack=dict(n_iter=100, n_target_classes=9, n_queries=5000),  # the reference's standard settings
+      certify=(),                 # norms whose certified radii to compute, e.g. ('linf', 'l2'); () = none
+      certify_method='crown', certify_eps0=0.05, certify_steps=15))
+
+
+def _as_dict(settings) -> dict:
+  """Settings as plain JSON values (tuples as lists), as they are stored in evaluation.json."""
+  return json.loads(json.dumps(settings.to_dict() if hasattr(settings, 'to_dict') else dict(settings)))
+
+
+def evaluate_model(logits_fn, images, labels, settings) -> dict:
+  """``evaluate_robustness`` of an inference-mode ``logits_fn`` on the first ``settings.n_examples`` images
+  (uint8, or float in [0, 1]) with the settings of an ``evaluate`` config section, plus certified radii
+  (``certify.certified_radii_report``) under ``certified`` when ``settings.certify`` names norms; the
+  settings are recorded under ``settings``."""
+  n = settings.n_examples or len(labels)
+  x = np.asarray(images[:n])
+  x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+  y = np.asarray(labels[:n]).astype(np.int32)
+  result = evaluate_robustness(logits_fn, x, y, attacks=tuple(settings.attacks), eps=settings.eps,
+                               norm=settings.norm, batch_size=settings.batch_size, seed=settings.seed,
+                               step_size=settings.step_size or None, autoattack_options=dict(settings.autoattack))
+  if settings.certify:
+    radii = certify.certified_radii_report(logits_fn, x, y, norms=tuple(settings.certify),
+                                           method=settings.certify_method, eps0=settings.certify_eps0,
+                                           steps=settings.certify_steps, batch_size=settings.batch_size)
+    result['certified'] = {
+        f'{r["method"]}_{norm}': dict(norm=norm, method=r['method'], mean_radius=float(r['mean_radius']),
+                                      radii=np.asarray(r['radii'], np.float64).tolist(), n_examples=int(n),
+                                      eps0=float(settings.certify_eps0),
+                                      certified_at_eps0_fraction=float(r['certified_at_eps0_fraction']))
+        for norm, r in radii.items()}
+  result['settings'] = _as_dict(settings)
+  return result
+
+
+def _summary(result: dict) -> str:
+  rows = [f'clean {100 * result["clean_accuracy"]:.2f}%'] + [
+      f'{row["label"]} {100 * row["robust_accuracy"]:.2f}%' for row in result['attacks'].values()]
+  rows += [f'{c["method"]} {c["norm"]} mean radius {c["mean_radius"]:.4g}'
+           for c in (result.get('certified') or {}).values()]
+  return ', '.join(rows)
+
+
+def evaluate_run(config, workdir: str) -> dict:
+  """The ``evaluate`` mode: robustness of the network trained in ``workdir`` (``train.load_trained``, inference
+  mode) on the test split of ``config.data`` (``train.splits``) with the settings of ``config.evaluate``;
+  writes evaluation.json / evaluation.md there and returns the result. Skipped (the stored result returned)
+  when evaluation.json already holds this checkpoint, test set and settings."""
+  if 'evaluate' not in config or 'train' not in config:
+    raise ValueError('the config has no evaluate / train section: start from configs/train_std.py, '
+                     'configs/train_adv.py or configs/quickstart.py')
+  net, variables, step = train.load_trained(workdir)
+  dataset = data.load(config.data)
+  _, test = train.splits(dataset, config.train.holdout_fraction, config.seed)
+  source = dict(checkpoint_step=step, data=dataset.name, holdout_fraction=config.train.holdout_fraction,
+                data_seed=config.seed)
+  path = os.path.join(workdir, EVALUATION_JSON)
+  console = workdir_lib.Console(workdir)
+  try:
+    if os.path.isfile(path):
+      with open(path) as f:
+        previous = json.load(f)
+      if previous.get('source') == source and previous.get('settings') == _as_dict(config.evaluate):
+        console.log(f'evaluation of step {step} already in {path}: {_summary(previous)}')
+        return previous
+    n = config.evaluate.n_examples or len(test.labels)
+    console.log(f'evaluating the step {step} checkpoint of {workdir} on {n} test images of {dataset.name}: '
+                f'{", ".join(config.evaluate.attacks)} at {config.evaluate.norm} eps '
+                f'{format_eps(config.evaluate.eps, config.evaluate.norm)} (inference mode)')
+    result = evaluate_model(net.logits_fn(variables), test.images, test.labels, config.evaluate)
+    result['source'] = source
+    paths = write_evaluation(result, workdir)
+    console.log(f'{_summary(result)} -> {paths[1]}')
+  finally:
+    console.close()
+  return result
+
+
+def _number(text: str) -> float:
+  """A float or a fraction such as ``8/255``."""
+  try:
+    return float(Fraction(text))
+  except (ValueError, ZeroDivisionError):
+    raise argparse.ArgumentTypeError(f'{text!r} is not a number or a fraction like 8/255') from None
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+  parser = parser or argparse.ArgumentParser(prog='jaxnas evaluate', description='robustness of a trained network')
+  parser.add_argument('--checkpoint', required=True,
+                      help='a training workdir (config.mode=train, or a pipeline workdir\'s train/), or a PyTorch '
+                           'state dict (.npz or .pt) of an evaluation network')
+  parser.add_argument('--genotype', help='zoo name, genotype JSON file or search workdir (required for a state '
+                                         'dict; checked against a training workdir)')
+  parser.add_argument('--attacks', default=','.join(DEFAULT_ATTACKS),
+                      help=f'comma-separated, from {",".join(ATTACKS)}')
+  parser.add_argument('--n-examples', type=int, default=0, help='the first N test images (0 = all)')
+  parser.add_argument('--batch-size', type=int, default=256, help='examples per jitted chunk')
+  parser.add_argument('--eps', type=_number, default=8 / 255, help='radius, e.g. 8/255 (default) or 0.5')
+  parser.add_argument('--norm', choices=('linf', 'l2'), default='linf')
+  parser.add_argument('--step-size', type=_number, default=0.0, help='PGD / CW_inf step (default eps/4)')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--certify', default='', help='norms whose certified radii to compute, e.g. linf,l2')
+  parser.add_argument('--data', help="test images: 'digits', an .npz file (uint8 'image', integer 'label') or a "
+                                     "TFDS name; default: the training workdir's test split")
+  parser.add_argument('--output', help='directory for evaluation.json / .md (default: the training workdir, or '
+                                       'the directory of the state dict)')
+  net = parser.add_argument_group('network of a state dict')
+  net.add_argument('--init-channels', type=int, default=36)
+  net.add_argument('--layers', type=int, default=20)
+  net.add_argument('--num-classes', type=int, default=10)
+  net.add_argument('--auxiliary', action='store_true', help='the state dict has the auxiliary head')
+  net.add_argument('--mean', type=float, nargs='+', help='per-channel input mean in [0, 1] (default: none)')
+  net.add_argument('--std', type=float, nargs='+', help='per-channel input std in [0, 1]')
+  return parser
+
+
+def _test_images(spec: str) -> data.Split:
+  """The test images named by ``--data``."""
+  if spec == 'digits':
+    return data.load({'source': 'digits'}).test
+  if spec.endswith('.npz'):
+    return data.read_npz(spec)
+  return data.load({'source': 'tfds', 'name': spec}).test
+
+
+def _load(args) -> tuple[Callable, data.Split, str, dict]:
+  """``(logits_fn, test images, output directory, source)`` of the command line."""
+  path = os.path.normpath(args.checkpoint)
+  if os.path.basename(path) == workdir_lib.CHECKPOINTS:
+    path = os.path.dirname(path)
+  if os.path.isdir(path):
+    net, variables, step = train.load_trained(path)
+    if args.genotype and genotypes.load(args.genotype) != net.genotype:
+      raise ValueError(f'--genotype {args.genotype} differs from the genotype {path} was trained with: drop '
+                       '--genotype or point --checkpoint to its training workdir')
+    with open(workdir_lib.path(path, workdir_lib.CONFIG)) as f:
+      config = json.load(f)
+    if args.data:
+      test = _test_images(args.data)
+    else:
+      _, test = train.splits(data.load(config['data']), config['train']['holdout_fraction'], config['seed'])
+    source = dict(checkpoint=os.path.abspath(path), checkpoint_step=step, data=args.data or config['data'])
+    return net.logits_fn(variables), test, args.output or path, source
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'--checkpoint {args.checkpoint!r} does not exist: pass a training workdir or a '
+                            'PyTorch state dict file (.npz or .pt)')
+  if not args.genotype or not args.data:
+    raise ValueError('a state dict needs --genotype (the architecture) and --data (the test images), plus the '
+                     'network size (--init-channels, --layers, --num-classes, --auxiliary)')
+  test = _test_images(args.data)
+  net = networks.EvalNetwork(genotypes.load(args.genotype), init_channels=args.init_channels, layers=args.layers,
+                             num_classes=args.num_classes, auxiliary=args.auxiliary,
+                             mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None)
+  variables = interop.from_torch_state_dict(path, net, input_shape=(1, *test.images.shape[1:]))
+  source = dict(checkpoint=os.path.abspath(path), data=args.data)
+  return net.logits_fn(variables), test, args.output or os.path.dirname(os.path.abspath(path)), source
+
+
+def run(args: argparse.Namespace) -> int:
+  """``jaxnas evaluate``: prints the Markdown table and writes evaluation.json / evaluation.md."""
+  settings = default_config()
+  settings.update(dict(attacks=tuple(a for a in args.attacks.split(',') if a), eps=args.eps, norm=args.norm,
+                       step_size=args.step_size, n_examples=args.n_examples, batch_size=args.batch_size,
+                       seed=args.seed, certify=tuple(n for n in args.certify.split(',') if n)))
+  try:
+    logits_fn, test, output, source = _load(args)
+    result = evaluate_model(logits_fn, test.images, test.labels, settings)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  result['source'] = source
+  print(format_markdown(result), end='')
+  print('\n'.join(write_evaluation(result, output)))
+  return 0

@@ -3,45 +3,74 @@
 ``--config`` is an ml_collections config file taking an optional argument (``configs/darts.py:smoke``);
 any field can be overridden on the command line (``--config.search.epochs=10``). ``config.mode`` selects
 what runs in ``--workdir`` (see ``MODES``): ``search`` (bi-level search, resumable), ``derive`` (genotype.json
-from the final alphas) and ``pipeline`` (the stages of ``PIPELINE`` in order). Retraining and evaluation
-register themselves in ``MODES`` as ``train`` / ``evaluate`` (functions ``(config, workdir)``) and join
-``PIPELINE``. Errors in the config, the data or the run are reported as one line on stderr (exit status 1;
-2 for command-line errors); the traceback goes to the workdir's log.txt.
+from the final alphas), ``train`` (retraining of ``config.genotype``, resumable; ``jaxnas.train``),
+``evaluate`` (robustness of the network trained in the workdir; ``jaxnas.evaluate``) and ``pipeline`` (the
+stages of ``PIPELINE`` in order). The seconds of search, train and evaluate are added to the workdir's
+timing.json; train, evaluate and pipeline end by writing report.json, report.md and figures/. Errors in the
+config, the data or the run are reported as one line on stderr (exit status 1; 2 for command-line errors);
+the traceback goes to the workdir's log.txt.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
+import time
 import traceback
 
+import jax
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from jaxnas import search
+from jaxnas import evaluate, parallel, report, search, train
 from jaxnas import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file with get_config(arg), e.g. configs/darts.py or configs/darts.py:smoke.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the run: checkpoints, logs and results.')
+_CACHE = flags.DEFINE_string(
+    'compilation_cache', os.path.join(os.path.expanduser('~'), '.cache', 'jaxnas', 'xla'),
+    "Persistent XLA compilation cache: a rerun, a resume or another process compiling the same step loads it "
+    "from here instead of compiling again ('' turns the cache off).")
 
-# Stages of the pipeline mode, in order; train and evaluate are appended where they are implemented.
-PIPELINE = ['search', 'derive']
+# Stages of the pipeline mode, in order, with the sub-directory of the workdir each runs in.
+PIPELINE = [('search', ''), ('derive', ''), ('train', 'train'), ('evaluate', 'train')]
+TIMED = ('search', 'train', 'evaluate')  # stages whose seconds go to timing.json (the report's cost table)
 
 
-def pipeline(config, workdir: str) -> None:
-  """Runs the stages of ``PIPELINE`` in order in one workdir (search -> derive -> ...); stops after a search
-  that ended early at ``config.max_steps`` (rerunning continues it)."""
-  for stage in PIPELINE:
-    if MODES[stage](config, workdir) is None and stage == 'search':
-      return
+def run_stage(mode: str, config, stage_dir: str, workdir: str):
+  """Runs ``MODES[mode]`` in ``stage_dir``, adding its seconds to ``workdir``'s timing.json; its result."""
+  start = time.perf_counter()
+  result = MODES[mode](config, stage_dir)
+  if mode in TIMED and jax.process_index() == 0:  # process 0 writes the workdir's shared files
+    report.record_timing(workdir, mode, time.perf_counter() - start, jax.device_count(),
+                         jax.devices()[0].device_kind)
+  return result
+
+
+def pipeline(config, workdir: str):
+  """search -> derive -> train -> evaluate in one workdir: the search in the workdir itself, training and
+  evaluation of the derived genotype in ``workdir/train``. Every stage resumes or skips its finished work, so
+  rerunning the command continues; it stops after a search or training that ended early at its max_steps."""
+  missing = [k for k in ('train', 'evaluate') if k not in config]
+  if missing:
+    raise ValueError(f'config.mode=pipeline also trains and evaluates, but the config has no {missing} '
+                     'section(s): start from configs/quickstart.py, or use config.mode=search')
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.genotype = os.path.abspath(workdir)  # train the search result
+  for mode, sub in PIPELINE:
+    if run_stage(mode, config, os.path.join(workdir, sub), workdir) is None and mode in ('search', 'train'):
+      return None
+  return workdir
 
 
 # config.mode -> function(config, workdir).
-MODES = {'search': search.run, 'derive': search.derive, 'pipeline': pipeline}
+MODES = {'search': search.run, 'derive': search.derive, 'train': train.run, 'evaluate': evaluate.evaluate_run,
+         'pipeline': pipeline}
 
 
 def _error(message: str, status: int):
@@ -120,8 +149,14 @@ def main(argv) -> int:
   mode = config.get('mode', 'search')
   if mode not in MODES:
     _error(f'unknown mode {mode!r}: set config.mode to one of {sorted(MODES)}', 2)
+  if _CACHE.value:
+    jax.config.update('jax_compilation_cache_dir', _CACHE.value)
+  if config.get('parallel', {}).get('distributed', False):
+    parallel.initialize()  # multi-process launch (TPU pod, SLURM, JAX_COORDINATOR_ADDRESS/...): before any JAX work
   try:
-    MODES[mode](config, workdir)
+    if (run_stage(mode, config, workdir, workdir) is not None and mode in ('train', 'evaluate', 'pipeline')
+        and jax.process_index() == 0):
+      print('\n'.join(['report:'] + report.write_report(workdir)), file=sys.stderr)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     if os.path.isdir(workdir):
       with open(workdir_lib.path(workdir, workdir_lib.LOG), 'a', encoding='utf-8') as log:

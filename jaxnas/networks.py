@@ -23,6 +23,11 @@ def drop_path(x, drop_prob, rng):
   return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+def uses_drop_path(train: bool, drop_path_prob) -> bool:
+  """Drop-path runs in train mode for a positive probability or a traced one (a ramp that does not recompile)."""
+  return train and (isinstance(drop_path_prob, jax.Array) or drop_path_prob > 0)
+
+
 def _stride(spec: cells.CellSpec, input_index: int) -> int:
   return 2 if spec.reduction and input_index < 2 else 1
 
@@ -49,7 +54,7 @@ def eval_cell(spec: cells.CellSpec, params, stats, s0, s1, rng, *, edges, concat
       stride = _stride(spec, idx)
       h, s = ops.OPS[name].apply(params['ops'][e], stats['ops'][e], states[idx], stride, train, depthwise)
       op_stats.append(s)
-      if train and drop_path_prob > 0 and not ops.is_identity(name, stride):
+      if uses_drop_path(train, drop_path_prob) and not ops.is_identity(name, stride):
         h = drop_path(h, drop_path_prob, jax.random.fold_in(rng, e))
       node = node + h
     states.append(node)
@@ -101,6 +106,7 @@ class EvalNetwork:
   mean: tuple[float, ...] | None = None
   std: tuple[float, ...] | None = None
   depthwise: str = 'auto'
+  remat: bool = False  # recompute cell activations in the backward pass (jax.checkpoint per cell)
 
   @property
   def plan(self) -> list[cells.CellSpec]:
@@ -139,7 +145,7 @@ class EvalNetwork:
   def apply(self, variables, x, train: bool = False, rng=None, drop_path_prob: float = 0.0):
     """Inference returns ``logits``; train mode returns ``(logits, logits_aux or None, new_batch_stats)``."""
     params, stats = variables['params'], variables['batch_stats']
-    if train and drop_path_prob > 0 and rng is None:
+    if uses_drop_path(train, drop_path_prob) and rng is None:
       raise ValueError('drop-path needs a PRNG key: pass rng=... to apply(train=True)')
     h = cells.normalize(x, self.mean, self.std)
     h, stem_s = cells.stem_apply(params['stem'], stats['stem'], h, train)
@@ -154,9 +160,9 @@ class EvalNetwork:
       if index == self.aux_index and self.auxiliary and train:
         aux['logits'], aux['stats'] = aux_head(params['aux_head'], stats['aux_head'], s1, True)
 
-    use_rng = rng if train and drop_path_prob > 0 else None
+    use_rng = rng if uses_drop_path(train, drop_path_prob) else None
     s1, cell_s, _ = cells.run_cells(cell_fn, self.plan, params['cells'], stats['cells'], h, h, use_rng,
-                                    split_after=(self.aux_index,), on_output=on_output)
+                                    split_after=(self.aux_index,), on_output=on_output, remat=self.remat)
     logits = cells.classifier_head(params['classifier'], s1)
     if not train:
       return logits

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from typing import Callable, NamedTuple
 
 import jax
@@ -111,34 +112,25 @@ def _out_size(size, k, stride, padding, dilation=1):
   return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
 
-def _offsets(k, dilation):
-  return jnp.asarray([(i * dilation, j * dilation) for i in range(k) for j in range(k)], jnp.int32)
+def _taps(k, dilation):
+  """The (row, column) offsets of the k*k kernel taps."""
+  return [(i * dilation, j * dilation) for i in range(k) for j in range(k)]
 
 
 def _window(xp, offset, stride, out_hw):
-  """The strided view of a padded NHWC input at a (traced) tap offset."""
-  size = (xp.shape[0], (out_hw[0] - 1) * stride + 1, (out_hw[1] - 1) * stride + 1, xp.shape[3])
-  zero = jnp.zeros((), offset.dtype)
-  window = lax.dynamic_slice(xp, (zero, offset[0], offset[1], zero), size)
-  return window[:, ::stride, ::stride, :] if stride > 1 else window
-
-
-def _tap_loop(step, init, k, dilation, extra=None):
-  """``lax.scan`` over the k*k taps: the compiled program holds one copy of the loop body whatever k is,
-  which keeps compile time of the 8-primitive mixed op small."""
-  return lax.scan(step, init, (_offsets(k, dilation),) + ((extra,) if extra is not None else ()))
+  """The strided view of a padded NHWC input at a static tap offset."""
+  (i, j), b, c = offset, xp.shape[0], xp.shape[3]
+  return lax.slice(xp, (0, i, j, 0), (b, i + (out_hw[0] - 1) * stride + 1, j + (out_hw[1] - 1) * stride + 1, c),
+                   (1, stride, stride, 1))
 
 
 def _window_sum(xp, w, stride, dilation, out_hw):
-  """y = sum_t window_t(xp) * w[t] for per-channel tap weights ``w`` of shape (k, k, C)."""
+  """y = sum_t window_t(xp) * w[t] for per-channel tap weights ``w`` of shape (k, k, C): unrolled static
+  slices, which XLA fuses into one loop reading the input once (a ``lax.scan`` over taps would write the
+  accumulator back to memory at every tap)."""
   k = w.shape[0]
-
-  def step(acc, tap):
-    offset, wt = tap
-    return acc + _window(xp, offset, stride, out_hw) * wt, None
-
-  init = jnp.zeros((xp.shape[0],) + tuple(out_hw) + (xp.shape[3],), xp.dtype)
-  return _tap_loop(step, init, k, dilation, w.reshape(k * k, -1))[0]
+  terms = [_window(xp, (i, j), stride, out_hw) * w[i // dilation, j // dilation] for i, j in _taps(k, dilation)]
+  return functools.reduce(operator.add, terms)
 
 
 def _spread(g, k, stride, dilation, padded_hw):
@@ -148,6 +140,25 @@ def _spread(g, k, stride, dilation, padded_hw):
   rem = [p - (n - 1) * stride - 1 for p, n in zip(padded_hw, g.shape[1:3])]
   return lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (e, e + rem[0], stride - 1),
                                              (e, e + rem[1], stride - 1), (0, 0, 0)))
+
+
+def _tap_weight_grad(xp, g, k, stride, dilation):
+  """dw[i, j, c] = sum_{b, y, x} g[b, y, x, c] * xp[b, i*d + s*y, j*d + s*x, c] (k, k, C).
+
+  Per tap row i, one batched matrix product over (b, y) gives M[c, x, v] = sum g[., ., x, c] xp_i[., ., v, c]
+  for all column pairs; tap (i, j) is the sum of M along the strided diagonal v = j*d + s*x, read as column
+  j*d of M's rows re-cut to length V + s (flat index x*V + s*x + j*d). Matrix units instead of k*k
+  reductions over the whole batch (XLA:CPU's slowest part of a depthwise gradient), and few ops to compile.
+  """
+  out_h, out_w = g.shape[1:3]
+  c, v = g.shape[3], xp.shape[2]
+  rows = []
+  for i in range(k):
+    x_i = lax.slice_in_dim(xp, i * dilation, i * dilation + (out_h - 1) * stride + 1, stride, axis=1)
+    m = jnp.einsum('byxc,byvc->cxv', g, x_i, preferred_element_type=g.dtype).reshape(c, out_w * v)
+    m = jnp.pad(m, ((0, 0), (0, out_w * stride))).reshape(c, out_w, v + stride)
+    rows.append(jnp.sum(m[:, :, :(k - 1) * dilation + 1:dilation], axis=1).T)
+  return jnp.stack(rows)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -160,22 +171,19 @@ def _shift_conv_fwd(xp, w, stride, dilation, out_hw):
 
 
 def _shift_conv_bwd(stride, dilation, out_hw, res, g):
+  del out_hw
   xp, w = res
   k = w.shape[0]
   dxp = _window_sum(_spread(g, k, stride, dilation, xp.shape[1:3]), w[::-1, ::-1], 1, dilation,
                     xp.shape[1:3])
-  step = lambda carry, tap: (carry, jnp.sum(g * _window(xp, tap[0], stride, out_hw), axis=(0, 1, 2)))
-  dw = _tap_loop(step, None, k, dilation)[1]
-  return dxp, dw.reshape(w.shape)
+  return dxp, _tap_weight_grad(xp, g, k, stride, dilation)
 
 
 _shift_conv.defvjp(_shift_conv_fwd, _shift_conv_bwd)
 
 
 def _window_max(xp, k, stride, out_hw):
-  step = lambda acc, tap: (jnp.maximum(acc, _window(xp, tap[0], stride, out_hw)), None)
-  init = jnp.full((xp.shape[0],) + tuple(out_hw) + (xp.shape[3],), -jnp.inf, xp.dtype)
-  return _tap_loop(step, init, k, 1)[0]
+  return functools.reduce(jnp.maximum, [_window(xp, t, stride, out_hw) for t in _taps(k, 1)])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -185,16 +193,15 @@ def _shift_max(xp, k, stride, out_hw):
 
 def _shift_max_fwd(xp, k, stride, out_hw):
   """Max and the index of the first maximal tap of each window (PyTorch's tie-breaking)."""
-  def step(carry, tap):
-    best, arg = carry
-    window = _window(xp, tap[0], stride, out_hw)
-    better = window > best
-    return (jnp.where(better, window, best), jnp.where(better, tap[1], arg)), None
-
-  shape = (xp.shape[0],) + tuple(out_hw) + (xp.shape[3],)
-  init = (jnp.full(shape, -jnp.inf, xp.dtype), jnp.zeros(shape, jnp.int32))
-  (y, arg), _ = _tap_loop(step, init, k, 1, jnp.arange(k * k, dtype=jnp.int32))
-  return y, (jnp.zeros(xp.shape[1:3], jnp.int8), arg)
+  best, arg = None, None
+  for t, offset in enumerate(_taps(k, 1)):
+    window = _window(xp, offset, stride, out_hw)
+    if best is None:
+      best, arg = window, jnp.zeros(window.shape, jnp.int8)
+    else:
+      better = window > best
+      best, arg = jnp.where(better, window, best), jnp.where(better, jnp.int8(t), arg)
+  return best, (jnp.zeros(xp.shape[1:3], jnp.int8), arg)
 
 
 def _shift_max_bwd(k, stride, out_hw, res, g):
@@ -204,14 +211,9 @@ def _shift_max_bwd(k, stride, out_hw, res, g):
   hw_marker, arg = res
   hw = hw_marker.shape
   e = k - 1
-
-  def step(acc, tap):
-    offset, t = tap
-    spread = _spread(jnp.where(arg == t, g, jnp.zeros_like(g)), k, stride, 1, hw)
-    return acc + _window(spread, e - offset, 1, hw), None
-
-  init = jnp.zeros((g.shape[0],) + tuple(hw) + (g.shape[3],), g.dtype)
-  return (_tap_loop(step, init, k, 1, jnp.arange(k * k, dtype=jnp.int32))[0],)
+  terms = [_window(_spread(jnp.where(arg == t, g, jnp.zeros_like(g)), k, stride, 1, hw), (e - i, e - j), 1, hw)
+           for t, (i, j) in enumerate(_taps(k, 1))]
+  return (functools.reduce(operator.add, terms),)
 
 
 _shift_max.defvjp(_shift_max_fwd, _shift_max_bwd)

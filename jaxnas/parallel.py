@@ -86,5 +86,18 @@ def global_batch(local_batch, mesh: Mesh):
 
 
 def replicate(tree, mesh: Mesh):
-  """Places a pytree (weights, alphas, optimizer states) replicated on every device of the mesh."""
-  return jax.device_put(tree, replicated(mesh))
+  """Places a pytree (weights, alphas, optimizer states) replicated on every device of the mesh. Every
+  process must hold the same values (they derive from the same seed)."""
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  return jax.tree.map(lambda leaf: _global_replica(leaf, sharding), tree)
+
+
+def _global_replica(leaf, sharding: NamedSharding):
+  """One process's copy of a replicated leaf as a global array (typed PRNG keys through their key data)."""
+  if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    data = _global_replica(jax.random.key_data(leaf), sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+  host = np.asarray(leaf)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])

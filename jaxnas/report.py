@@ -8,8 +8,10 @@
   "input_shape": [H, W, C]}``, any subset), else ``config.json`` (``train.init_channels``, ``train.layers``,
   ``data.num_classes``), else the papers' CIFAR-10 evaluation network (C=36, 20 layers, 10 classes, 32x32x3);
 - clean and robust accuracies per attack: the dict of ``evaluate.evaluate_robustness``, from the argument,
-  else ``evaluation.json``, else a ``report.json`` written by ``evaluate.write_report`` (or the
-  ``evaluation`` entry of an earlier combined report, so rewriting a report keeps its numbers);
+  else ``evaluation.json`` (``evaluate.write_evaluation``), else the ``evaluation`` entry of an earlier
+  combined report (so rewriting a report keeps its numbers);
+- the training run (``jaxnas.train``): its recipe from the ``config.json`` next to ``network.json`` and the
+  last held-out accuracies of its ``metrics.jsonl``;
 - certified radii: ``certified.json`` or the evaluation's ``certified`` entry, a mapping ``name -> {"norm",
   "method", "mean_radius" (or "radii": per-example list), "n_examples"}``;
 - search cost in device-hours from ``timing.json`` (see ``record_timing``): ``{"search": {"seconds",
@@ -80,24 +82,38 @@ def stage_cost(timing: Mapping, stage: str = 'search') -> dict | None:
               device_hours=seconds * devices / 3600.0)
 
 
-def _is_evaluation(d) -> bool:
-  return isinstance(d, Mapping) and 'clean_accuracy' in d and 'attacks' in d
-
-
 def find_evaluation(workdir: str) -> dict | None:
   """The robustness evaluation of a workdir (see the module docstring), or None."""
-  path = _find(workdir, 'evaluation.json')
+  path = _find(workdir, evaluate.EVALUATION_JSON)
   if path:
     return _read_json(path)
-  for _, stage in viz.stage_dirs(workdir):
-    path = os.path.join(stage, 'report.json')
-    if os.path.isfile(path):
-      d = _read_json(path)
-      if _is_evaluation(d):
-        return d
-      if isinstance(d, Mapping) and _is_evaluation(d.get('evaluation')):
-        return d['evaluation']
-  return None
+  path = _find(workdir, 'report.json')
+  previous = _read_json(path) if path else None
+  return previous.get('evaluation') if isinstance(previous, Mapping) else None
+
+
+def training_summary(workdir: str) -> dict | None:
+  """The training run of a workdir: ``method`` (standard / pgd / trades), ``epochs``, the adversary's ``eps``
+  and ``steps``, and the last epoch's held-out ``test/*`` metrics; None without a training run."""
+  path = _find(workdir, NETWORK)
+  config_path = os.path.join(os.path.dirname(path), 'config.json') if path else ''
+  if not os.path.isfile(config_path):
+    return None
+  t = _read_json(config_path).get('train', {})
+  if 'epochs' not in t:
+    return None
+  adversarial = t.get('adversarial', {})
+  method = adversarial.get('method', 'none')
+  summary = dict(method='standard' if method == 'none' else method, epochs=t.get('epochs'))
+  if method != 'none':
+    summary.update(eps=adversarial.get('eps'), norm=adversarial.get('norm', 'linf'), steps=adversarial.get('steps'))
+  metrics_path = os.path.join(os.path.dirname(path), 'metrics.jsonl')
+  records = viz.read_jsonl(metrics_path) if os.path.isfile(metrics_path) else []
+  tested = [r for r in records if any(k.startswith('epoch/test/') for k in r)]
+  if tested:
+    summary['epoch'] = tested[-1].get('epoch')
+    summary['test'] = {k[len('epoch/test/'):]: v for k, v in tested[-1].items() if k.startswith('epoch/test/')}
+  return summary
 
 
 def _certified(workdir: str, evaluation: Mapping | None) -> dict | None:
@@ -161,8 +177,8 @@ def build_report(workdir: str, evaluation: Mapping | None = None, **network) -> 
       if os.path.isdir(figures_dir) else []
   return dict(workdir=os.path.basename(os.path.normpath(workdir)), genotype=genotype.to_dict(),
               network=dict(spec, params=analysis.count_params(net, shape), macs=analysis.count_macs(net, shape)),
-              evaluation=evaluation, certified=_certified(workdir, evaluation), timing=timing,
-              search_cost=stage_cost(timing, 'search'), figures=figures)
+              training=training_summary(workdir), evaluation=evaluation, certified=_certified(workdir, evaluation),
+              timing=timing, search_cost=stage_cost(timing, 'search'), figures=figures)
 
 
 def _pct(x) -> str:
@@ -187,6 +203,15 @@ def format_markdown(report: Mapping) -> str:
             f'classes, input {shape} (from {net["source"]}).', '',
             '| params (auxiliary head excluded) | MACs (conv + linear) |', '| ---: | ---: |',
             f'| {net["params"]:,} ({net["params"] / 1e6:.2f}M) | {net["macs"]:,} ({net["macs"] / 1e6:.2f}M) |']
+  training = report.get('training')
+  if training:
+    recipe = training['method'] + (f' adversarial ({training["norm"]} eps '
+                                   f'{evaluate.format_eps(training["eps"], training["norm"])}, {training["steps"]} '
+                                   'steps)' if 'eps' in training else '')
+    lines += ['', '## Training', '', f'{recipe} training, {training["epochs"]} epochs.']
+    if training.get('test'):
+      accuracies = ', '.join(f'{k[:-4]} {_pct(v)}%' for k, v in training['test'].items() if k.endswith('_acc'))
+      lines.append(f'Held-out accuracy after epoch {training["epoch"] + 1}: {accuracies}.')
   ev = report.get('evaluation')
   lines += ['', '## Robustness', '']
   if ev:
@@ -197,7 +222,7 @@ def format_markdown(report: Mapping) -> str:
     if len(ev['attacks']) > 1 and 'worst_case_accuracy' in ev:
       lines.append(f'| Worst case over all attacks | {_pct(ev["worst_case_accuracy"])} |')
   else:
-    lines.append('Not evaluated yet (no evaluation.json or evaluation report.json in the workdir).')
+    lines.append('Not evaluated yet (no evaluation.json in the workdir).')
   if report.get('certified'):
     lines += ['', '## Certified robustness', '', '| bound | norm | mean certified radius | examples |',
               '| --- | --- | ---: | ---: |']

@@ -52,6 +52,11 @@ class Phase:
   arch: bool
   project: bool
 
+  @property
+  def weights_only(self) -> 'Phase':
+    """The part the weight step depends on: phases differing only in the upper level share its compilation."""
+    return Phase(self.lower, (), False, False)
+
 
 def phase(lower, upper, *, epoch: int, step_in_epoch: int, steps_per_epoch: int, arch_start_epoch: int = 0,
           project_from: float | None = None) -> Phase:

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxnas import bilevel, checkpoint, data, genotypes, schedules, search_space
+from jaxnas import bilevel, checkpoint, data, genotypes, parallel, schedules, search_space
 from jaxnas import workdir as workdir_lib
 from jaxnas.objectives import compose
 
@@ -59,7 +59,8 @@ def default_config() -> ml_collections.ConfigDict:
           primitives=(),          # () = the space's; else a subset of jaxnas.ops.OPS
           placement='',           # DSARA cell placement, e.g. 'A-A-R' ('' = the space's)
           widths=(),              # width multiplier per stage, e.g. (1, 2, 2) (() = the space's)
-          depthwise='auto'),      # depthwise conv formulation: auto | shift | grouped
+          depthwise='auto',       # depthwise conv formulation: auto | shift | grouped
+          remat=False),           # recompute each cell's activations in the backward pass (less memory)
       search=dict(
           epochs=50, batch_size=64,
           lower=[objective('ce')],  # weights descend sum_k weight_k * objective_k on train batches
@@ -77,6 +78,10 @@ def default_config() -> ml_collections.ConfigDict:
           projection=dict(        # alphas projected onto {objective <= bound} (RNAS); name '' = off
               objective=dict(name='', label='constraint', kwargs={}),
               bound=0.0, start_fraction=0.5, bisection_steps=20, inner_steps=10)),
+      parallel=dict(              # data parallelism over all devices and processes (jaxnas.parallel)
+          num_devices=0,          # 0: every device of every process; n: the first n
+          per_device_batch_size=0,  # > 0: the global batch is this times the number of devices
+          distributed=False),     # multi-process launch: start jax.distributed (TPU pods, SLURM, env vars)
       checkpoint_every_steps=500,  # plus one at the end of every epoch
       keep_checkpoints=3,
       log_every_steps=50,
@@ -99,7 +104,7 @@ def make_model(model_config, dataset: data.Dataset) -> search_space.Supernet:
       space=make_space(model_config), init_channels=model_config.init_channels, layers=model_config.layers,
       num_classes=dataset.num_classes, steps=model_config.steps, multiplier=model_config.multiplier,
       stem_multiplier=model_config.stem_multiplier, mean=dataset.mean, std=dataset.std,
-      depthwise=model_config.depthwise)
+      depthwise=model_config.depthwise, remat=model_config.get('remat', False))
 
 
 def make_program(config, model, dataset: data.Dataset) -> bilevel.Program:
@@ -124,12 +129,33 @@ def make_program(config, model, dataset: data.Dataset) -> bilevel.Program:
 
 
 def _cycle(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, start: int) -> Iterator:
-  """Endless batches of a split from global position ``start``: pass ``c`` visits the split in the order of
-  ``(seed, c)``, so the stream is a pure function of the position (val and OoD batches)."""
+  """Endless batches (this process's slices) of a split from global position ``start``: pass ``c`` visits
+  the split in the order of ``(seed, c)``, so the stream is a pure function of the position (val, OoD)."""
   passes, position = divmod(start, data.num_batches(len(labels), batch_size))
   while True:
-    yield from data.epoch_batches(images, labels, batch_size, seed, passes, start_step=position)
+    yield from data.epoch_batches(images, labels, batch_size, seed, passes, start_step=position,
+                                  **_process_slice())
     passes, position = passes + 1, 0
+
+
+def _process_slice() -> dict:
+  """Each process reads its own contiguous slice of every global batch."""
+  return dict(process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def global_batch_size(config, mesh) -> int:
+  """``search.batch_size``, or ``parallel.per_device_batch_size`` times the devices; checked to split evenly."""
+  per_device = config.parallel.per_device_batch_size if 'parallel' in config else 0
+  batch_size = per_device * mesh.devices.size if per_device else config.search.batch_size
+  parallel.check_batch_size(batch_size, mesh)
+  return batch_size
+
+
+def output_dir(workdir: str) -> str:
+  """Where this process writes logs and results: the workdir for process 0, ``workdir/process_<k>`` for the
+  others of a multi-process run (checkpoints are shared: orbax coordinates the processes)."""
+  k = jax.process_index()
+  return workdir if k == 0 else os.path.join(workdir, f'process_{k}')
 
 
 def _seeds(seed: int) -> tuple[int, int, int]:
@@ -154,7 +180,8 @@ def op_counts(genotype: genotypes.Genotype) -> dict[str, dict[str, int]]:
           for t in genotype.cell_types}
 
 
-def check_finite(metrics: dict, step: int, epoch: int, phase: schedules.Phase, last_checkpoint: str) -> None:
+def check_finite(metrics: dict, step: int, epoch: int, phase: schedules.Phase, last_checkpoint: str,
+                 fix: str = 'lower the learning rates (config.optim.lr, config.arch.lr) or check the data') -> None:
   """Raises a one-line FloatingPointError naming the first non-finite objective of a step, or the weights /
   alphas when an update made them non-finite (``*_finite`` flags of the steps)."""
   objectives = ([f'train/{label}' for label in phase.lower] + [f'val/{label}' for label in phase.upper])
@@ -170,8 +197,7 @@ def check_finite(metrics: dict, step: int, epoch: int, phase: schedules.Phase, l
         break
   if problem:
     kept = f'last good checkpoint kept at {last_checkpoint}' if last_checkpoint else 'no checkpoint written yet'
-    raise FloatingPointError(f'{problem} at step {step} (epoch {epoch}); {kept}; lower the learning rates '
-                             '(config.optim.lr, config.arch.lr) or check the data')
+    raise FloatingPointError(f'{problem} at step {step} (epoch {epoch}); {kept}; {fix}')
 
 
 def _format(metrics: dict, keys=None) -> str:
@@ -185,8 +211,8 @@ def _format(metrics: dict, keys=None) -> str:
 def run(config, workdir: str) -> genotypes.Genotype | None:
   """Runs (or resumes) the search of ``config`` in ``workdir``; returns the final genotype (None when the
   run stopped early at ``config.max_steps``)."""
-  os.makedirs(workdir, exist_ok=True)
-  console = workdir_lib.Console(workdir)
+  os.makedirs(output_dir(workdir), exist_ok=True)
+  console = workdir_lib.Console(output_dir(workdir))
   try:
     return _search(config, workdir, console)
   except Exception as e:
@@ -200,10 +226,13 @@ def _search(config, workdir: str, console: workdir_lib.Console):
   # ----------------------------------------------------------------------------
   # Config, data and model.
   # ----------------------------------------------------------------------------
+  ckpt_dir = workdir_lib.path(workdir, workdir_lib.CHECKPOINTS)
+  workdir = output_dir(workdir)
   workdir_lib.write_config(workdir, config)
   dataset = data.load(config.data)
   train, val = data.search_split(dataset, config.data.val_fraction, seed=None)
-  batch_size, epochs = config.search.batch_size, config.search.epochs
+  mesh = parallel.make_mesh(config.parallel.num_devices or None)
+  batch_size, epochs = global_batch_size(config, mesh), config.search.epochs
   steps_per_epoch = data.num_batches(len(train.labels), batch_size)
   data.num_batches(len(val.labels), batch_size)  # the val split needs a full batch too
   train_seed, val_seed, ood_seed = _seeds(config.seed)
@@ -220,10 +249,11 @@ def _search(config, workdir: str, console: workdir_lib.Console):
   # ----------------------------------------------------------------------------
   # State: fresh, or restored from the latest checkpoint of the workdir.
   # ----------------------------------------------------------------------------
-  ckpt_dir = workdir_lib.path(workdir, workdir_lib.CHECKPOINTS)
-  # Committed to the device like a restored state: the steps compile once for both.
-  state = jax.device_put(bilevel.init_state(program, jax.random.key(config.seed), train.images[:batch_size]),
-                         jax.devices()[0])
+  # Replicated on the mesh like a restored state (whose leaves take the target's sharding): the steps compile
+  # once for both. Batches are sharded over the mesh, so XLA averages gradients and BN statistics over the
+  # global batch (jaxnas.parallel).
+  state = parallel.replicate(
+      bilevel.init_state(program, jax.random.key(config.seed), train.images[:batch_size]), mesh)
   payload = {'state': state, 'epoch': 0, 'step_in_epoch': 0, 'steps_per_epoch': steps_per_epoch}
   last_checkpoint = ''
   if checkpoint.latest_step(ckpt_dir) is not None:
@@ -245,7 +275,8 @@ def _search(config, workdir: str, console: workdir_lib.Console):
               f'{dataset.image_shape}, {steps_per_epoch} steps per epoch of batch {batch_size}, {epochs} epochs')
   console.log(f'supernet {model.space.name}: C={model.init_channels}, {model.layers} cells, '
               f'{n_weights / 1e6:.3f}M weights, alphas {({t: a.shape for t, a in state.alphas.items()})}; '
-              f'{jax.device_count()} {jax.default_backend()} device(s)')
+              f'{mesh.devices.size} of {jax.device_count()} {jax.default_backend()} device(s) in '
+              f'{jax.process_count()} process(es), global batch {batch_size}')
   console.log(f'lower level: {[s.label for s in program.lower]}; upper level: {[s.label for s in program.upper]} '
               f'({program.arch.combiner}, order {program.arch.order}); the first step compiles (minutes)')
 
@@ -270,7 +301,7 @@ def _search(config, workdir: str, console: workdir_lib.Console):
       epoch, step_in_epoch = divmod(step, steps_per_epoch)
       if train_stream is None or step_in_epoch == 0:
         train_stream = data.epoch_batches(train.images, train.labels, batch_size, train_seed, epoch,
-                                          start_step=step_in_epoch)
+                                          start_step=step_in_epoch, **_process_slice())
       phase = schedules.phase(program.lower, program.upper, epoch=epoch, step_in_epoch=step_in_epoch,
                               steps_per_epoch=steps_per_epoch, arch_start_epoch=config.arch.start_epoch,
                               project_from=config.arch.projection.start_fraction if program.projection else None)
@@ -278,17 +309,20 @@ def _search(config, workdir: str, console: workdir_lib.Console):
                  'a_lr': np.float32(schedules.piecewise_lr(config.arch.lr, config.arch.lr_boundaries,
                                                            config.arch.lr_values, epoch))}
       tb, vb = next(train_stream), next(val_stream)
-      epoch_field = np.int32(epoch)
-      train_batch = {'image': tb.images, 'label': tb.labels, 'epoch': epoch_field}
-      val_batch = {'image': vb.images, 'label': vb.labels, 'epoch': epoch_field}
+      train_batch = {'image': tb.images, 'label': tb.labels}
+      val_batch = {'image': vb.images, 'label': vb.labels}
       if ood_stream is not None:
         ood_images = next(ood_stream).images
         train_batch['ood_image'] = val_batch['ood_image'] = ood_images
+      epoch_field = {'epoch': np.int32(epoch)}
+      train_batch = {**parallel.global_batch(train_batch, mesh), **epoch_field}
+      val_batch = {**parallel.global_batch(val_batch, mesh), **epoch_field}
 
       new_state, metrics = state, {}
       if phase.arch:
         new_state, metrics = bilevel.arch_step(program, phase, new_state, train_batch, val_batch, hparams)
-      new_state, weight_metrics = bilevel.weight_step(program, phase, new_state, train_batch, hparams)
+      new_state, weight_metrics = bilevel.weight_step(program.lower_level, phase.weights_only, new_state,
+                                                      train_batch, hparams)
       metrics = {**jax.device_get(metrics), **jax.device_get(weight_metrics)}
       metrics.update({'train/lr': hparams['w_lr'], 'arch/lr': hparams['a_lr']})
       check_finite(metrics, step, epoch, phase, last_checkpoint)

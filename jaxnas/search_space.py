@@ -158,6 +158,7 @@ class Supernet:
   mean: tuple[float, ...] | None = None
   std: tuple[float, ...] | None = None
   depthwise: str = 'auto'
+  remat: bool = False  # recompute cell activations in the backward pass (jax.checkpoint per cell)
 
   @property
   def plan(self) -> list[cells.CellSpec]:
@@ -206,7 +207,7 @@ class Supernet:
                          depthwise=self.depthwise)
 
     s1, cell_s, features = cells.run_cells(cell_fn, self.plan, params['cells'], stats['cells'], h, h, None,
-                                           collect=return_features)
+                                           collect=return_features, remat=self.remat)
     logits = cells.classifier_head(params['classifier'], s1)
     out = (logits, {'stem': stem_s, 'cells': cell_s}) if train else (logits,)
     out = out + (features,) if return_features else out

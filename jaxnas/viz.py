@@ -2,21 +2,22 @@
 evolution of the architecture weights (alphas) during search.
 
 ``render_workdir(workdir)`` (``jaxnas viz WORKDIR``) redraws everything it finds into ``workdir/figures/``.
-It reads, in the workdir and in each of its immediate sub-directories (a pipeline's ``search/``, ``train/``,
-... stages; figures from a sub-directory are prefixed with its name):
+It reads, in the workdir and in each of its immediate sub-directories (stages, e.g. a pipeline's ``train/``;
+figures from a sub-directory are prefixed with its name):
 
 - ``genotype.json``: the genotype (``Genotype.to_json``) -> ``cell_<type>.png/.svg`` (and ``.dot``, for
   Graphviz users), one per cell type, drawn as in DARTS Fig. 4: inputs ``c_{k-2}``, ``c_{k-1}``, intermediate
-  nodes ``0..3``, output ``c_{k}``, edges labelled with their operation;
+  nodes ``0..3``, output ``c_{k}``, edges labelled with their operation (a sub-directory's copy of the
+  workdir's genotype, e.g. a pipeline's ``train/genotype.json``, is not drawn again);
 - ``alphas.npz``: final alphas, one ``(n_edges, n_ops)`` array per cell type -> ``alphas_final``: the softmax
   weights (DARTS Eq. 2) of every edge;
 - ``history/``: alphas per epoch (``history/epoch_XXX_alphas.npz``; any ``.npz`` below ``history/`` whose path
   holds the epoch number, e.g. ``history/epoch_3/alphas.npz``) -> ``alphas_evolution_<type>``: for every edge
   a heat map of the softmax weights over operations (rows) across epochs (columns);
 - ``*.jsonl``: metrics, one JSON object per line (``metrics.jsonl`` of ``jaxnas.workdir``) -> ``curves_<name>``:
-  losses, accuracies (clean, PGD), objective values, MGDA/min-norm weights gamma, alpha entropy, learning
-  rates and other scalars per epoch (see ``metric_series``). Nested objects are flattened with ``/`` and
-  lists of numbers become ``key[i]``.
+  losses, accuracies (clean, PGD; a training run's held-out ``test/clean_acc`` and ``test/pgd<k>_acc``),
+  objective values, MGDA/min-norm weights gamma, alpha entropy, learning rates and other scalars per epoch
+  (see ``metric_series``). Nested objects are flattened with ``/`` and lists of numbers become ``key[i]``.
 
 Operation names on the alpha axes come from ``config.json`` (a ``primitives`` list or a search space name
 anywhere in it) or, failing that, from the number of operations (8: DARTS, 7: DSARA).
@@ -469,17 +470,19 @@ def save(fig: Figure, out_dir: str, name: str, formats: Iterable[str] = FORMATS)
   for fmt in formats:
     path = os.path.join(out_dir, f'{name}.{fmt}')
     fig.savefig(path, dpi=130 if fmt == 'png' else None)
+    fig.set_layout_engine('none')   # the first save placed the axes; the other formats keep that layout
     paths.append(path)
   return paths
 
 
-def render_stage(prefix: str, path: str, out_dir: str, formats: Iterable[str] = FORMATS,
-                 name: str = '') -> list[str]:
-  """All figures of one stage directory (see the module docstring); returns the written paths."""
+def render_stage(prefix: str, path: str, out_dir: str, formats: Iterable[str] = FORMATS, name: str = '',
+                 drawn: genotypes.Genotype | None = None) -> list[str]:
+  """All figures of one stage directory (see the module docstring); returns the written paths. Cells are not
+  redrawn for a genotype equal to ``drawn`` (a pipeline's train/ stage holds a copy of the search result)."""
   written = []
   config = read_config(path)
-  if os.path.isfile(os.path.join(path, 'genotype.json')):
-    genotype = genotypes.load(path)
+  genotype = genotypes.load(path) if os.path.isfile(os.path.join(path, 'genotype.json')) else None
+  if genotype is not None and genotype != drawn:
     for cell_type, fig in draw_genotype(genotype, name).items():
       written += save(fig, out_dir, f'{prefix}cell_{cell_type}', formats)
       dot = os.path.join(out_dir, f'{prefix}cell_{cell_type}.dot')
@@ -517,8 +520,10 @@ def render_workdir(workdir: str | os.PathLike, formats: Iterable[str] = FORMATS)
   os.makedirs(out_dir, exist_ok=True)
   name = os.path.basename(os.path.normpath(os.fspath(workdir)))
   written = []
+  root = os.fspath(workdir)
+  drawn = genotypes.load(root) if os.path.isfile(os.path.join(root, 'genotype.json')) else None
   for prefix, path in stages:
-    written += render_stage(prefix, path, out_dir, formats, name)
+    written += render_stage(prefix, path, out_dir, formats, name, drawn if prefix else None)
   if not written:
     raise FileNotFoundError(f'nothing to draw in {os.fspath(workdir)!r}: expected genotype.json, alphas.npz, '
                             'history/ or a metrics .jsonl file (in it or in a stage sub-directory)')

@@ -5,8 +5,9 @@
 #     launch/tpu_pod.sh --config=configs/dsara.py --workdir=gs://my-bucket/runs/dsara
 #
 # Creates the pod if it does not exist (set CREATE=0 to skip), installs jaxnas on every worker and starts
-# `python -m jaxnas.main` on all of them at once (`--worker=all`). JAX detects the pod and
-# jax.distributed.initialize() needs no arguments there (jaxnas.parallel.initialize(); wiring into the search loop is pending, see issue 8).
+# `python -m jaxnas.main` on all of them at once (`--worker=all`) with `--config.parallel.distributed=True`:
+# every worker starts JAX's distributed runtime (the pod is detected, no addresses needed), reads its own
+# slice of each global batch, and the batch is sharded over all chips of all hosts.
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 ACCELERATOR="${ACCELERATOR:-v4-32}"
@@ -19,4 +20,4 @@ run_all() { gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=a
 run_all "set -e; [ -d jaxnas ] || git clone $REPO jaxnas; cd jaxnas && git pull --ff-only && \
   pip install -U 'jax[tpu]' && pip install -e ."
 args=$(printf ' %q' "$@")
-run_all "cd jaxnas && python -m jaxnas.main$args"
+run_all "cd jaxnas && python -m jaxnas.main$args --config.parallel.distributed=True"

@@ -5,6 +5,7 @@ jaxnas and PyTorch steps start from the same weights and batch, so their losses 
 """
 import importlib.util
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -44,3 +45,50 @@ def test_eval_train_step_quick(tmp_path):
   (r,) = _run('benchmarks.eval_train_step', '--json-out', str(out))
   assert r['genotype'] == 'DARTS_V2' and r['layers'] == 5
   assert json.loads(out.read_text())['step_s'] == r['step_s']
+
+
+def test_search_step_quick():
+  """The real bilevel steps of a config over two epochs, under chex.assert_max_traces(n=1)."""
+  proc = subprocess.run([sys.executable, '-m', 'benchmarks.search_step', '--quick', '--torch-threads', '1'],
+                        cwd=REPO, capture_output=True, text=True, timeout=1800, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (r,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
+  assert r['config'] == 'configs/darts.py' and r['retraces'] == 0 and len(r['step_times_s']) >= 2
+  assert r['compile_s'] > 0 and r['step_s'] > 0 and r['examples_per_s'] == pytest.approx(r['batch'] / r['step_s'])
+  if HAS_TORCH:
+    assert r['torch_step_s'] > 0 and r['ratio'] == pytest.approx(r['step_s'] / r['torch_step_s'])
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason='compares with PyTorch')
+def test_attack_throughput_quick():
+  """PGD-20 examples/s, jaxnas vs PyTorch, both pinned to one thread: both reach the same adversarial labels."""
+  (r,) = _run('benchmarks.attack_throughput')
+  assert r['attack'] == 'pgd20' and r['threads'] == 1 and r['torch_threads'] == 1
+  assert r['examples_per_s'] == pytest.approx(r['batch'] / r['step_s']) and r['adv_agreement'] == 1.0
+
+
+@pytest.mark.skipif(importlib.util.find_spec('pyautoattack') is None, reason='needs the reference AutoAttack')
+def test_autoattack_parity_quick(shared_dir):
+  """APGD-CE on 4 CIFAR-10 images, jaxnas and the reference AutoAttack on the same trained DARTS_V2 weights."""
+  proc = subprocess.run([sys.executable, '-m', 'benchmarks.autoattack_parity', '--quick'], cwd=REPO,
+                        env={**os.environ, 'JAXNAS_SHARED': str(shared_dir)}, capture_output=True, text=True,
+                        timeout=1800, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (r,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
+  assert r['attacks'] == ['apgd-ce'] and r['n'] == 4 and set(r['jaxnas']) == set(r['reference']) == {'clean', 'apgd-ce'}
+  assert r['diff']['clean'] == 0 and r['jaxnas']['apgd-ce'] <= r['jaxnas']['clean']   # same weights and images
+  assert 'reference_s' in proc.stderr   # the table
+
+
+def test_crown_throughput_quick():
+  """IBP and CROWN-IBP margin bounds of a tiny DARTS_V2 network: timings, and both bound the same network."""
+  proc = subprocess.run([sys.executable, '-m', 'benchmarks.crown_throughput', '--quick'], cwd=REPO,
+                        capture_output=True, text=True, timeout=1800, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
+  assert [r['method'] for r in results] == ['ibp', 'crown-ibp']
+  for r in results:
+    assert r['compile_s'] > 0 and r['step_s'] > 0 and r['flops_per_step'] > 0 and r['batch'] == 2
+    assert r['examples_per_s'] == pytest.approx(r['batch'] / r['step_s']) and 'machine' in r
+    assert r['mean_worst_margin'] <= r['mean_clean_margin']   # lower bounds of the margins of one network
+  assert 'examples_per_s' in proc.stderr   # the table

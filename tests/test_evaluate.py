@@ -1,13 +1,17 @@
-"""Tests of jaxnas.evaluate: the robustness report, its JSON/Markdown writers and argument checking."""
+"""Tests of jaxnas.evaluate: the robustness report, its JSON/Markdown writers and argument checking; the
+``jaxnas evaluate`` command on a trained workdir and on a PyTorch state dict, and its one-line errors."""
 import functools
 import json
+import pathlib
+import re
+import sys
 
 import jax
 import numpy as np
 import pytest
+from sklearn import datasets as sk_datasets
 
-from jaxnas import attacks
-from jaxnas import evaluate
+from jaxnas import attacks, certify, cli, evaluate, interop, main, train
 
 QUICK_AA = dict(n_iter=8, n_target_classes=2, n_queries=40)
 
@@ -56,7 +60,8 @@ def test_report_rows_files_and_markdown(tmp_path):
   assert aa['options'] == {'n_iter': 8, 'n_target_classes': 2, 'n_queries': 40}
   assert report['attacks']['pgd20']['robust_accuracy'] < report['clean_accuracy']   # the attacks bite
 
-  json_path, md_path = evaluate.write_report(report, str(tmp_path / 'eval'))
+  json_path, md_path = evaluate.write_evaluation(report, str(tmp_path / 'eval'))
+  assert (json_path, md_path) == (str(tmp_path / 'eval' / 'evaluation.json'), str(tmp_path / 'eval' / 'evaluation.md'))
   assert json.loads(open(json_path).read()) == json.loads(json.dumps(report))
   md = open(md_path).read()
   assert 'eps = 8/255 (0.0314)' in md and 'linf' in md
@@ -102,3 +107,99 @@ def test_bad_requests_raise_clear_errors():
   with pytest.raises(ValueError, match='training mode'):
     evaluate.evaluate_robustness(train_mode, x, y, attacks=['fgsm'])
   assert evaluate.format_eps(1 / 510, 'linf') == '1/510 (0.0020)'
+
+
+# ------------------------------------------------------------------------------------------------
+# ``jaxnas evaluate`` on trained networks.
+# ------------------------------------------------------------------------------------------------
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The compiled standard step of tests/test_train.py (DARTS_V2, C=4, 3 cells, 8x8 digits, batch 32), one epoch.
+TRAIN = [f'--config={REPO_ROOT / "configs" / "train_std.py"}:smoke', '--config.data.num_examples=640',
+         '--config.train.batch_size=32', '--config.train.epochs=1', '--config.train.eval_examples=96']
+EVAL = ['--attacks', 'fgsm,pgd20', '--n-examples', '8', '--batch-size', '8']
+
+
+def digits_test(n):
+  """The first ``n`` test digits (scikit-learn's images 1500 on), read independently of jaxnas.data."""
+  digits = sk_datasets.load_digits()
+  return np.round(digits.images[1500:1500 + n] * 255 / 16)[..., None] / 255, digits.target[1500:1500 + n]
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('trained')
+  saved = sys.argv
+  try:
+    assert main.main(main.parse_flags(['jaxnas.main', *TRAIN, f'--workdir={workdir}'])) == 0
+  finally:
+    sys.argv = saved
+  return workdir
+
+
+def test_evaluate_command_on_a_checkpoint_and_on_its_torch_state_dict(trained, tmp_path, capsys):
+  assert cli.main(['evaluate', '--checkpoint', str(trained / 'checkpoints'), *EVAL]) == 0
+  printed = capsys.readouterr().out
+  result = json.loads((trained / 'evaluation.json').read_text())
+  assert '| PGD-20 |' in printed and printed.startswith((trained / 'evaluation.md').read_text())
+  assert list(result['attacks']) == ['fgsm', 'pgd20'] and result['n_examples'] == 8
+  assert result['source']['checkpoint_step'] == 20
+  # The clean accuracy of the restored network (inference mode) on the first 8 test digits.
+  net, variables, _ = train.load_trained(str(trained))
+  x, y = digits_test(8)
+  clean = np.asarray(net.apply(variables, x.astype(np.float32))).argmax(1) == y
+  assert result['per_example']['clean_correct'] == clean.tolist()
+  for name in ('fgsm', 'pgd20'):
+    assert not np.any(np.asarray(result['per_example']['robust'][name]) & ~clean)
+
+  # The same weights as a PyTorch state dict (.npz, PyTorch names and layouts) give the same evaluation.
+  state_dict = interop.to_torch_state_dict(variables, net)
+  np.savez(tmp_path / 'model.npz', **{f'state_dict/{k}': v for k, v in state_dict.items()})
+  network = ['--genotype', 'DARTS_V2', '--init-channels', '4', '--layers', '3', '--mean', *map(str, net.mean),
+             '--std', *map(str, net.std), '--data', 'digits']
+  assert cli.main(['evaluate', '--checkpoint', str(tmp_path / 'model.npz'), *network, *EVAL]) == 0
+  imported = json.loads((tmp_path / 'evaluation.json').read_text())
+  assert imported['per_example'] == result['per_example']
+  assert imported['clean_accuracy'] == result['clean_accuracy']
+
+
+@pytest.mark.parametrize('args, match', [
+    (['--checkpoint', '{trained}', '--genotype', 'NOPE'], r"error: unknown genotype 'NOPE': give a zoo name .*"),
+    (['--checkpoint', '{tmp}/missing'], r"error: --checkpoint '.*/missing' does not exist: pass a training .*"),
+    (['--checkpoint', '{tmp}'], r"error: no network.json in '.*': pass the workdir of a training run .*"),
+    (['--checkpoint', '{bare}'], r'error: no checkpoint in .*/checkpoints: save one first .*'),
+    (['--checkpoint', '{tmp}/model.npz'], r'error: a state dict needs --genotype \(the architecture\) and --data .*'),
+    (['--checkpoint', '{trained}', '--attacks', 'deepfool'], r"error: unknown attack\(s\) \['deepfool'\]: .*"),
+])
+def test_evaluate_command_errors_are_one_line(trained, tmp_path, args, match, capsys):
+  np.savez(tmp_path / 'model.npz', x=np.zeros(1))
+  bare = tmp_path / 'bare'
+  bare.mkdir()
+  for name in ('network.json', 'genotype.json'):
+    (bare / name).write_text((trained / name).read_text())
+  args = [a.format(trained=trained, tmp=tmp_path, bare=bare) for a in args]
+  assert cli.main(['evaluate', *args]) == 2
+  err = capsys.readouterr().err.strip()
+  assert '\n' not in err and re.fullmatch(match, err), err
+
+
+def test_training_mode_models_are_refused(trained):
+  net, variables, _ = train.load_trained(str(trained))
+  x, y = digits_test(4)
+  with pytest.raises(ValueError, match='train=True'):
+    evaluate.evaluate_model(functools.partial(net.apply, variables, train=True), x, y, evaluate.default_config())
+
+
+@pytest.mark.skipif(not hasattr(certify, 'certified_radii_report'), reason='jaxnas.certify has no radii report yet')
+def test_certified_radii_in_the_evaluation_and_the_report(trained, tmp_path, capsys):
+  output = tmp_path / 'certified'
+  assert cli.main(['evaluate', '--checkpoint', str(trained), '--attacks', 'pgd20', '--n-examples', '8',
+                   '--batch-size', '8', '--certify', 'linf', '--output', str(output)]) == 0
+  assert '## Certified robustness' in capsys.readouterr().out
+  result = json.loads((output / 'evaluation.json').read_text())
+  entry = result['certified']['crown_linf']
+  radii = np.asarray(entry['radii'])
+  assert entry['norm'] == 'linf' and len(radii) == 8 and entry['mean_radius'] == pytest.approx(radii.mean())
+  clean = np.asarray(result['per_example']['clean_correct'])
+  assert np.all(radii[~clean] == 0)   # a misclassified point has no certified radius
+  # Soundness: PGD at eps cannot break a point certified beyond eps.
+  assert np.all(np.asarray(result['per_example']['robust']['pgd20'])[radii > result['eps']])

@@ -157,8 +157,8 @@ def test_data_and_objective_errors_are_one_line(tmp_path, args, match, capsys, n
     (['--config.search.epoch=3'], r"error: unknown config key 'epoch' in --config.search.epoch: config.search has "
                                   r"the fields \['batch_size', 'epochs', 'lower', 'upper'\]"),
     (['--config.search.epochs=many'], r'error: flag --config.search.epochs=many: .*'),
-    (['--config.mode=train'], r"error: unknown mode 'train': set config.mode to one of \['derive', 'pipeline', "
-                              r"'search'\]"),
+    (['--config.mode=retrain'], r"error: unknown mode 'retrain': set config.mode to one of \['derive', 'evaluate', "
+                                r"'pipeline', 'search', 'train'\]"),
 ])
 def test_config_errors_are_one_line(tmp_path, args, match, capsys):
   assert run_main(args, tmp_path) == 2

@@ -27,7 +27,7 @@ def make_run(path, genotype_name, network=None, config=None):
 
 def test_report_of_darts_v2_at_paper_size(tmp_path):
   run = make_run(tmp_path / 'darts', 'DARTS_V2', config={'model': {'init_channels': 16, 'layers': 8}})
-  evaluate.write_report(evaluation(0.8123, {'fgsm': 0.6, 'pgd20': 0.5012, 'aa': 0.4567}), str(run))
+  evaluate.write_evaluation(evaluation(0.8123, {'fgsm': 0.6, 'pgd20': 0.5012, 'aa': 0.4567}), str(run))
   report.record_timing(str(run), 'search', 1800.0, 4, 'H100')
   report.record_timing(str(run), 'search', 1800.0, 4)   # a resumed run adds its time
   (run / 'certified.json').write_text(json.dumps({'crown_linf': dict(norm='linf', method='crown',
@@ -51,6 +51,7 @@ def test_report_of_darts_v2_at_paper_size(tmp_path):
   assert saved['certified']['crown_linf']['mean_radius'] == pytest.approx(0.01)
   assert saved['evaluation']['per_example']['label'] == [0] * 200
   # Rewriting keeps the evaluation, now read back from the combined report.json.
+  (run / 'evaluation.json').unlink()
   report.write_report(str(run), render=False)
   assert (run / 'report.md').read_text() == md
 
@@ -91,7 +92,7 @@ def three_runs(tmp_path_factory):
   root = tmp_path_factory.mktemp('compare')
   small = {'init_channels': 8, 'layers': 5}
   darts = make_run(root / 'darts', 'DARTS_V2', small)
-  evaluate.write_report(evaluation(0.9, {'fgsm': 0.3, 'pgd20': 0.1, 'aa': 0.05}), str(darts))
+  evaluate.write_evaluation(evaluation(0.9, {'fgsm': 0.3, 'pgd20': 0.1, 'aa': 0.05}), str(darts))
   report.record_timing(str(darts), 'search', 3600.0 * 24, 1, 'V100')
   advrush = make_run(root / 'advrush', 'ADVRUSH', small)
   (advrush / 'evaluation.json').write_text(json.dumps(evaluation(0.85, {'pgd20': 0.5})))

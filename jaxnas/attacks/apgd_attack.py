@@ -120,7 +120,7 @@ def single_run(logits_fn, loss_fn, x, y, keys, *, eps, norm: str, n_iter: int, r
 
 
 def _runs(logits_fn, x, y, key, idx, n_runs, run):
-  """Runs ``run(j, keys_j, robust) -> (x_adv, fooled)`` for ``j < n_runs`` while any example is unbroken.
+  """Runs ``run(j, keys_j) -> (x_adv, fooled)`` for ``j < n_runs`` while any example is still robust.
 
   Only clean-correct, still-robust examples take a run's result; the loop stops early once none is left.
   """
@@ -157,10 +157,11 @@ def apgd(logits_fn, x, y, key, *, eps: float, norm: str = 'linf', n_iter: int = 
 def apgd_targeted(logits_fn, x, y, key, *, eps: float, norm: str = 'linf', n_iter: int = 100,
                   n_target_classes: int = 9, n_restarts: int = 1, rho: float = 0.75, idx=None):
   """APGD-T: APGD on the targeted DLR loss against each of the ``n_target_classes`` most likely wrong classes
-  (ranked on the clean input), one after the other on the examples still robust."""
+  (ranked on the clean input, at most ``K - 1``), one after the other on the examples still robust."""
   norm = ball.check_norm(norm)
   order = jnp.argsort(logits_fn(x), axis=1)
   n_classes = order.shape[1]
+  n_target_classes = min(n_target_classes, n_classes - 1)
 
   def run(j, keys):
     y_target = order[:, n_classes - 2 - j // n_restarts]

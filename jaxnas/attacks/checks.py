@@ -7,6 +7,7 @@ and Square (black-box) succeeding where the white-box attacks failed.
 """
 from __future__ import annotations
 
+import functools
 from typing import Mapping, Optional
 
 import jax
@@ -18,7 +19,7 @@ from jaxnas.attacks import losses
 
 def check_randomized(logits_fn, x, y, n: int = 5, tol: float = 1e-4) -> Optional[str]:
   """The forward pass must be deterministic: ``n`` calls agree on the accuracy and on the l_2-normalised
-  logits to ``tol``."""
+  logits to ``tol``. The calls are not jitted, so host-side randomness (frozen by a trace) shows too."""
   outs = [np.asarray(logits_fn(x)) for _ in range(n)]
   correct = [int((o.argmax(1) == np.asarray(y)).sum()) for o in outs]
   unit = [o / (np.linalg.norm(o, axis=1, keepdims=True) + 1e-10) for o in outs]
@@ -38,10 +39,24 @@ def check_range_output(logits_fn, x, tol: float = 1e-5) -> Optional[str]:
   return None
 
 
+@functools.lru_cache(maxsize=64)
+def _dlr_gradient(logits_fn):
+  """Jitted ``(x, y) -> (correct, input gradient of the summed untargeted DLR loss)``, cached per model."""
+  def fn(x, y):
+    def total(z):
+      logits = logits_fn(z)
+      return losses.dlr_loss(logits, y).sum(), logits
+    grad, logits = jax.grad(total, has_aux=True)(x)
+    return jnp.argmax(logits, axis=1) == y, grad
+  return jax.jit(fn)
+
+
 def check_zero_gradients(logits_fn, x, y) -> Optional[str]:
-  """Inputs where the DLR loss has an all-zero input gradient make gradient-based attacks unreliable."""
-  grad = jax.grad(lambda z: losses.dlr_loss(logits_fn(z), y).sum())(x)
-  n_zero = int(jnp.sum(jnp.all(grad.reshape(grad.shape[0], -1) == 0, axis=1)))
+  """Correctly classified inputs where the DLR loss has an all-zero input gradient make gradient-based attacks
+  unreliable. (Misclassified points are skipped: there DLR is constant when the label is the third most
+  likely class, and they need no attack.)"""
+  correct, grad = _dlr_gradient(logits_fn)(x, y)
+  n_zero = int(jnp.sum(correct & jnp.all(grad.reshape(grad.shape[0], -1) == 0, axis=1)))
   if n_zero:
     return (f'{n_zero} points have a zero input gradient: gradient-based attacks may be unreliable '
             '(gradient masking)')

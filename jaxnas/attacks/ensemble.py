@@ -67,7 +67,8 @@ def autoattack(logits_fn, x, y, *, eps: float, norm: str = 'linf', version: str 
     attacks: a custom ordered subset of ``ATTACKS``.
     seed: the PRNG seed; batch_size: examples per jitted chunk (does not change results).
     n_iter, n_target_classes, n_queries: the reference's defaults (100, 9, 5000).
-    run_checks: run the sanity checks (randomness, output range, zero gradients, classes, Square success).
+    run_checks: run the sanity checks (randomness and output range on the first two images, zero DLR
+      gradients on the first ``batch_size``, number of classes, Square's success over the white-box attacks).
 
   Returns:
     dict with ``x_adv`` (numpy, the clean image where no attack succeeded), ``robust`` (bool ``[N]``),
@@ -91,9 +92,10 @@ def autoattack(logits_fn, x, y, *, eps: float, norm: str = 'linf', version: str 
 
   found = []
   if run_checks:
-    head = x[:batch_size]
-    n_classes = int(np.asarray(logits_fn(head[:1])).shape[1])
-    found += [checks.check_randomized(logits_fn, head, y[:batch_size]), checks.check_range_output(logits_fn, head),
+    # The eager checks probe two images, the shape ``check_inference_mode`` compiled the model's ops for.
+    probe, head = x[:2], x[:batch_size]
+    n_classes = int(np.asarray(logits_fn(probe)).shape[1])
+    found += [checks.check_randomized(logits_fn, probe, y[:2]), checks.check_range_output(logits_fn, probe),
               checks.check_n_classes(n_classes, attacks, n_target_classes, n_target_classes)]
     if n_classes >= 3:
       found.append(checks.check_zero_gradients(logits_fn, head, y[:batch_size]))

@@ -135,7 +135,8 @@ def single_run(logits_fn, x, y, keys, *, eps, norm: str, n_iter: int, y_target=N
 def fab(logits_fn, x, y, key, *, eps: float, norm: str = 'linf', n_iter: int = 100, targeted: bool = True,
         n_target_classes: int = 9, n_restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05,
         beta: float = 0.9, idx=None):
-  """FAB (``targeted=False``) or FAB-T against the 2nd..(n+1)-th most likely classes of the clean input.
+  """FAB (``targeted=False``) or FAB-T against the 2nd..(n+1)-th most likely classes of the clean input
+  (``n = n_target_classes``, at most ``K - 1``).
 
   Runs restart ``r`` (random start at radius ``eps / 2`` for ``r > 0``, as the reference) for each target on
   the examples still robust; returns the adversarial found within ``eps`` where one is, else the clean image.
@@ -144,7 +145,7 @@ def fab(logits_fn, x, y, key, *, eps: float, norm: str = 'linf', n_iter: int = 1
   logits = logits_fn(x)
   order = jnp.argsort(logits, axis=1)
   n_classes = order.shape[1]
-  n_targets = n_target_classes if targeted else 1
+  n_targets = min(n_target_classes, n_classes - 1) if targeted else 1
   keys = ball.example_keys(key, ball.default_idx(x, idx))
   expand = lambda v: jnp.reshape(v, (-1,) + (1,) * (x.ndim - 1))
 

@@ -135,6 +135,9 @@ def square(logits_fn, x, y, key, *, eps: float, norm: str = 'linf', n_queries: i
   """
   norm = ball.check_norm(norm)
   _, h, w, _ = x.shape
+  if norm == 'l2' and min(h, w) < 5:
+    raise ValueError(f'l2 Square needs images of at least 5x5 pixels (its start tiles them in h // 5 squares), '
+                     f'got {h}x{w}: use the l_inf threat model or larger images')
   sides = jnp.asarray(square_sides(h, w, p_init, norm))
   keys = ball.example_keys(key, ball.default_idx(x, idx))
   expand = lambda v: jnp.reshape(v, (-1,) + (1,) * (x.ndim - 1))

@@ -8,3 +8,4 @@ from jaxnas.objectives import distortion
 from jaxnas.objectives import jacobian
 from jaxnas.objectives import ood
 from jaxnas.objectives import resources
+from jaxnas.objectives import certified  # registers 'certified_margin' (DSRNA-CB) with compose

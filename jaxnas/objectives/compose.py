@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnas import analysis, combine, genotypes, ops
+from jaxnas import analysis, combine, genotypes, networks, ops
 from jaxnas.attacks import pgd_attack
 from jaxnas.objectives import curvature, distortion, jacobian, ood, resources
 
@@ -210,13 +210,16 @@ def accuracy(logits, labels):
 
 def _ramp(values: tuple[float, ...], index):
   """``values[clip(index, 0, len - 1)]`` for a traced index (a per-epoch ramp that then stays constant)."""
-  table = jnp.asarray(values, jnp.float32)
+  table = jnp.asarray(values, float)  # float64 under jax_enable_x64
   return table[jnp.clip(index, 0, len(values) - 1)]
 
 
 def _adversarial(ctx, params, batch_stats, alphas, batch, rng, *, attack, eps, step_size, steps, norm,
                  random_start, attack_mode):
-  """Adversarial images (``stop_gradient``) against the network in ``attack_mode``."""
+  """Adversarial images (``stop_gradient``) against the network in ``attack_mode``; ``batch['adv_image']``
+  when the caller fixed them (``fix_adversarial``)."""
+  if 'adv_image' in batch:
+    return batch['adv_image']
   logits_fn = _logits_fn(ctx.model, params, batch_stats, alphas, attack_mode)
   x, y = batch['image'], batch['label']
   if attack == 'fgsm' and not random_start:
@@ -238,6 +241,21 @@ def _attack_args(attack, eps, step_size, steps, norm, random_start, attack_mode)
     step_size = eps / 4.0
   return dict(attack=attack, eps=float(eps), step_size=float(step_size), steps=int(steps), norm=norm,
               random_start=bool(random_start), attack_mode=attack_mode)
+
+
+def fix_adversarial(spec: ObjectiveSpec, model, input_shape: tuple[int, ...], params, batch_stats, alphas,
+                    batch: dict, rng) -> dict:
+  """``batch`` plus ``'adv_image'``: the examples that an attacking objective (``adv_ce``, ``distortion``)
+  draws with ``rng`` at these weights and alphas, reused by its later evaluations at other alphas (RNAS'
+  projection then solves Eq. 9 for a deterministic, smooth F). Other objectives get ``batch`` unchanged."""
+  defaults = {k: v.default for k, v in inspect.signature(OBJECTIVES[spec.name]).parameters.items() if k != 'ctx'}
+  kwargs = {**defaults, **dict(spec.kwargs)}
+  if 'attack' not in kwargs:
+    return batch
+  args = _attack_args(*(kwargs[k] for k in ('attack', 'eps', 'step_size', 'steps', 'norm', 'random_start',
+                                            'attack_mode')))
+  ctx = Context(model, tuple(input_shape), spec.start_epoch)
+  return {**batch, 'adv_image': _adversarial(ctx, params, batch_stats, alphas, batch, rng, **args)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,30 +292,39 @@ def adversarial_cross_entropy(ctx: Context, attack: str = 'pgd', eps: float = 2 
   return objective
 
 
+CURVATURE_ESTIMATORS = ('finite_difference', 'hvp', 'frobenius')
+
+
 @register('curvature')
 def curvature_regularizer(ctx: Context, h=1.5, direction_mode: str = 'eval', mode: str = 'train',
-                          exact: bool = False) -> Objective:
+                          estimator: str = 'finite_difference', n_samples: int = 1) -> Objective:
   """AdvRush's curvature regulariser (Eq. 10, CURE): ``mean_i ||grad_x l(x_i + z_i) - grad_x l(x_i)||``.
 
   The direction ``z = h sign(g) / ||sign(g)||`` comes from the network in ``direction_mode`` (the original:
   eval mode); the gradient difference is taken in ``mode``. ``h`` is a number or a per-epoch ramp counted
   from the objective's ``start_epoch`` (AdvRush: ``(0, 0.3, 0.6, 0.9, 1.2, 1.5)``), in [0, 1] pixel units.
-  ``exact`` replaces the finite difference by the exact ``mean_i ||H_i z_i||`` (a ``jax.jvp`` of the input
-  gradient). Losses are per example (``objectives.curvature``): the original's mean-reduced loss gives
-  ``1/B`` times this value, which the weight absorbs.
+  ``estimator``: ``'finite_difference'`` (Eq. 10); ``'hvp'`` the exact ``mean_i ||H_i z_i||`` along the same
+  ``z`` (a ``jax.jvp`` of the input gradient, Eq. 9 without the difference); ``'frobenius'`` the ideal term of
+  Eq. 8 as Hutchinson's unbiased estimate of ``mean_i ||H_i||_F^2`` from ``n_samples`` Rademacher probes (no
+  ``h``; for small inputs). Losses are per example (``objectives.curvature``): the original's mean-reduced
+  loss gives ``1/B`` times this value, which the weight absorbs.
   """
   _check_mode('direction_mode', direction_mode)
   _check_mode('mode', mode)
+  if estimator not in CURVATURE_ESTIMATORS:
+    raise ValueError(f'curvature estimator={estimator!r}: use one of {CURVATURE_ESTIMATORS}')
   h_values = tuple(float(v) for v in h) if isinstance(h, (tuple, list)) else (float(h),)
 
   def objective(params, batch_stats, alphas, batch, rng):
-    del rng
     x, y = batch['image'], batch['label']
     loss_in = lambda m: (lambda x_, y_: per_example_ce(
         forward(ctx.model, params, batch_stats, alphas, x_, m)[0], y_))
+    if estimator == 'frobenius':
+      value = curvature.hessian_frobenius_hutchinson(loss_in(mode), x, y, rng, n_samples)
+      return value, Aux(batch_stats, {})
     h_now = _ramp(h_values, batch['epoch'] - ctx.start_epoch)
     z = curvature.cure_direction(loss_in(direction_mode), x, y, h_now)
-    if exact:
+    if estimator == 'hvp':
       value = curvature.hessian_vector_norm(loss_in(mode), x, y, z)
     else:
       g = curvature.input_grad(loss_in(mode), x, y)
@@ -340,28 +367,54 @@ def ood_kl(ctx: Context, mode: str = 'train') -> Objective:
   return objective
 
 
-def op_costs(model, input_shape: tuple[int, ...], kind: str) -> dict[str, np.ndarray]:
+def derived_network(model, network: tuple[int, int], genotype: genotypes.Genotype) -> networks.EvalNetwork:
+  """The evaluation network of ``network = (init_channels, layers)`` that a genotype of ``model``'s space
+  derives (NetworkCIFAR; the supernet's cell placement and widths)."""
+  if len(network) != 2:
+    raise ValueError(f'network={tuple(network)}: give (init_channels, layers) of the derived network, or ()')
+  if (model.steps, model.multiplier) != (4, 4):
+    raise ValueError(f'the evaluation network has 4 nodes per cell, the supernet steps={model.steps}, '
+                     f'multiplier={model.multiplier}: count costs on the supernet (network=())')
+  return networks.EvalNetwork(genotype, init_channels=int(network[0]), layers=int(network[1]),
+                              num_classes=model.num_classes, stem_multiplier=model.stem_multiplier,
+                              stage_types=model.space.stage_types, widths=model.space.widths)
+
+
+def _parameter_free_genotype(model) -> genotypes.Genotype:
+  """A genotype with 3x3 max pooling (no parameters, no MACs) on every edge."""
+  edges = (('max_pool_3x3', 0), ('max_pool_3x3', 1)) * model.steps
+  concat = tuple(range(2, 2 + model.steps))
+  return genotypes.Genotype(cells=tuple((t, edges) for t in model.space.cell_types),
+                            concat=tuple((t, concat) for t in model.space.cell_types))
+
+
+def op_costs(model, input_shape: tuple[int, ...], kind: str, network: tuple = ()) -> dict[str, np.ndarray]:
   """Per cell type, the ``[edges, ops]`` cost of every op on every edge, summed over the cells of that type.
 
-  ``kind='params'``: the op's learned parameters (as the supernet holds them); ``kind='flops'``: its
-  multiply-accumulates for one example (``analysis.jaxpr_macs``, depthwise counted as grouped). ``model``
-  is a ``Supernet``; ``input_shape`` is (H, W, C).
+  ``kind='params'``: the op's learned parameters; ``kind='flops'``: its multiply-accumulates for one example
+  (``analysis.jaxpr_macs``, depthwise counted as grouped). ``model`` is a ``Supernet``; ``input_shape`` is
+  (H, W, C). ``network=()``: the supernet's cells, ops as the supernet holds them (BN without affine
+  parameters, BN after pools); ``network=(C, layers)``: the cells of the derived evaluation network
+  (``derived_network``), ops as it holds them (affine BN, bare pools).
   """
   if kind not in ('params', 'flops'):
     raise ValueError(f"cost kind {kind!r}: use 'params' or 'flops'")
   primitives, edges = model.space.primitives, genotypes.edge_index(model.steps)
   costs = {t: np.zeros((len(edges), len(primitives))) for t in model.space.cell_types}
   size = tuple(input_shape[:2])
+  plan, affine, pool_bn = model.plan, False, True
+  if network:
+    plan, affine, pool_bn = derived_network(model, network, _parameter_free_genotype(model)).plan, True, False
 
   @functools.lru_cache(maxsize=None)
   def cost(name, c, stride, hw):
-    params, stats = ops.OPS[name].init(np.random.default_rng(0), c, stride, False, True)
+    params, stats = ops.OPS[name].init(np.random.default_rng(0), c, stride, affine, pool_bn)
     if kind == 'params':
       return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(params))
     apply = lambda p, s, x: ops.OPS[name].apply(p, s, x, stride, False, 'grouped')[0]
     return analysis.jaxpr_macs(jax.make_jaxpr(apply)(params, stats, jnp.zeros((1,) + hw + (c,))).jaxpr)
 
-  for spec in model.plan:
+  for spec in plan:
     for e, (_, j) in enumerate(edges):
       stride = 2 if spec.reduction and j < 2 else 1
       hw = size if (j < 2 or not spec.reduction) else (size[0] // 2, size[1] // 2)
@@ -372,19 +425,32 @@ def op_costs(model, input_shape: tuple[int, ...], kind: str) -> dict[str, np.nda
   return costs
 
 
+def fixed_cost(model, input_shape: tuple[int, ...], kind: str, network: tuple) -> int:
+  """The alpha-independent cost of the derived evaluation network (stem, cell preprocessing, classifier; no
+  auxiliary head): the cost of that network with a parameter- and MAC-free op on every edge."""
+  net = derived_network(model, network, _parameter_free_genotype(model))
+  shape = (1,) + tuple(input_shape)
+  return analysis.count_params(net, shape) if kind == 'params' else analysis.count_macs(net, shape)
+
+
 def _resource(kind: str):
-  def builder(ctx: Context, lower_bound: float = 0.0, scale: float = 1e-6) -> Objective:
-    costs = {t: jnp.asarray(c * scale, jnp.float32) for t, c in op_costs(ctx.model, ctx.input_shape,
-                                                                         kind).items()}
+  def builder(ctx: Context, lower_bound: float = 0.0, scale: float = 1e-6, network: tuple = ()) -> Objective:
+    network = tuple(network)
+    costs = {t: jnp.asarray(c * scale, jnp.float32)
+             for t, c in op_costs(ctx.model, ctx.input_shape, kind, network).items()}
+    fixed = fixed_cost(ctx.model, ctx.input_shape, kind, network) * scale if network else 0.0
 
     def objective(params, batch_stats, alphas, batch, rng):
       del params, batch, rng
       used = {t: alphas[t] for t in costs}
-      value = resources.resource_objective(used, costs, lower_bound)
-      return value, Aux(batch_stats, {'expected': resources.expected_cost(used, costs)})
+      value = resources.resource_objective(used, costs, lower_bound - fixed)  # |fixed + N_hat - L|
+      return value, Aux(batch_stats, {'expected': fixed + resources.expected_cost(used, costs)})
     return objective
   builder.__doc__ = (f'E2RNAS Eq. {5 if kind == "params" else 6}: ``|expected {kind} - lower_bound|`` with the '
-                     f'softmax-weighted per-op {kind} of every edge, times ``scale`` (default: millions).')
+                     f'softmax-weighted per-op {kind} of every edge, times ``scale`` (default: millions). '
+                     '``network=()`` counts the ops of the supernet; ``network=(C, layers)`` the whole derived '
+                     'evaluation network of that size (ops plus the alpha-independent stem, preprocessing and '
+                     'classifier: one-hot alphas give its exact count).')
   return builder
 
 
