@@ -1,8 +1,12 @@
 """IBP / CROWN bounds, certified margins and radii (jaxnas.certify).
 
 References: auto_LiRPA 0.7.1 values on a small conv net (../shared fixture), closed forms for affine networks
-(Jacobian and dual norms; scipy for the l2 ball ∩ box), and attacks: sampled and PGD points never go below a
-lower bound, and a point certified at radius r is never broken by PGD at r.
+(Jacobian and dual norms; scipy for the l2 ball ∩ box), central differences for gradients, Python loops for
+scans, and attacks: sampled and PGD-100 points never go below a lower bound, and a point certified at radius
+r is never broken by PGD at r.
+
+Each test compiles its bound computations as one program, without XLA's backend optimisations (``fast_jit``):
+the programs are small and many, and compiling them dominates the time of this file.
 """
 import functools
 
@@ -15,6 +19,11 @@ import scipy.optimize
 from jax import lax
 
 from jaxnas import certify, ops
+from jaxnas.certify import graph
+
+fast_jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0,
+                                                        'xla_llvm_disable_expensive_passes': True})
+BOXES = {'free': None, 'box': (0.0, 1.0)}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -44,8 +53,8 @@ def pgd(fn, norm, steps=100):
     return jnp.minimum(jnp.min(values), obj(start))
 
   rows = jax.vmap(one_row, (None, 0, None, None, None))
-  attack = jax.jit(jax.vmap(rows, (0, 0, 0, None, None)))
-  return lambda x, C, eps, box=(-jnp.inf, jnp.inf): attack(x, C, eps, *box)
+  attack = fast_jit(jax.vmap(rows, (0, 0, 0, None, None)))
+  return lambda x, C, eps, box=None: attack(x, C, eps, *((-jnp.inf, jnp.inf) if box is None else box))
 
 
 def random_points(key, x, eps, norm, n, box=None):
@@ -93,11 +102,6 @@ def random_net(seed, c=4, k=3):
   return net
 
 
-def _ball_norm(d, norm):
-  axes = tuple(range(1, d.ndim))
-  return jnp.max(jnp.abs(d), axis=axes) if norm == 'linf' else jnp.sqrt(jnp.sum(d * d, axis=axes))
-
-
 # ------------------------------------------------------------------------------------------------------
 # auto_LiRPA parity.
 # ------------------------------------------------------------------------------------------------------
@@ -129,9 +133,8 @@ def test_matches_auto_lirpa(shared_dir, x64, norm):
   x = jnp.transpose(jnp.asarray(data['input_nchw'], jnp.float64), (0, 2, 3, 1))
   np.testing.assert_allclose(net(x), data['logits'], atol=1e-5)
   C, eps = jnp.asarray(data['margin_spec_C'], jnp.float64), float(data[f'eps_{norm}'])
-  run = jax.jit(lambda x, method: certify.bounds(net, x, eps, norm, method, C=C, upper=False)[0],
-                static_argnums=1)
-  ibp, crown = run(x, 'ibp'), run(x, 'crown')
+  ibp, crown = fast_jit(lambda x: [certify.bounds(net, x, eps, norm, m, C=C, upper=False)[0]
+                                   for m in ('ibp', 'crown')])(x)
   np.testing.assert_allclose(ibp, data[f'lb_{norm}_IBP'], rtol=0, atol=1e-5)
   np.testing.assert_allclose(crown, data[f'lb_{norm}_CROWN'], rtol=0, atol=1e-4)
   assert np.all(np.asarray(crown) >= np.asarray(ibp))
@@ -152,30 +155,33 @@ def test_bounds_are_sound_on_random_nets(x64, norm, eps):
   x = jax.random.uniform(key, (2, 4, 4, 3), jnp.float64)
   x = x.at[0, 0, 0, 0].set(0.0)  # a pixel on the box boundary
   logits = net(x)
-  y = jnp.argmax(logits, axis=1)
-  C = certify.margin_spec(y, logits.shape[1])
-  outputs = jax.jit(jax.vmap(net))
+  C = certify.margin_spec(jnp.argmax(logits, axis=1), logits.shape[1])
+
+  @fast_jit
+  def everything(x):
+    found = {(m, b): certify.bounds(net, x, eps, norm, m, C=C, box=box) for m in certify.METHODS
+             for b, box in BOXES.items()}
+    margins = {b: jnp.einsum('bsk,nbk->nbs', C, jax.vmap(net)(random_points(key, x, eps, norm, 300, box)))
+               for b, box in BOXES.items()}
+    return found, margins
+
+  found, margins = everything(x)
   attack = pgd(net, norm)
-  for box in (None, (0.0, 1.0)):
-    found = {}
-    margins = jnp.einsum('bsk,nbk->nbs', C, outputs(random_points(key, x, eps, norm, 300, box)))
-    attacked = attack(x, C, jnp.full((2,), eps), *([] if box is None else [box]))
+  for b, box in BOXES.items():
+    attacked = attack(x, C, jnp.full((2,), eps), box)
     for method in certify.METHODS:
-      lower, upper = certify.bounds(net, x, eps, norm, method, C=C, box=box)
+      lower, upper = found[method, b]
       assert np.all(np.isfinite(lower)) and np.all(upper >= lower)
-      assert np.all(margins >= lower[None] - 1e-9) and np.all(margins <= upper[None] + 1e-9), method
+      assert np.all(margins[b] >= lower[None] - 1e-9) and np.all(margins[b] <= upper[None] + 1e-9), method
       assert np.all(attacked >= lower - 1e-9), method
-      found[method] = lower
+    lower = {m: found[m, b][0] for m in certify.METHODS}
     # CROWN is the tightest here, and not vacuous.
-    assert np.all(found['crown'] >= found['ibp'] - 1e-9)
-    assert np.all(found['crown'] >= found['crown-ibp'] - 1e-9)
-    assert np.mean(attacked - found['crown']) < 0.5 * np.mean(attacked - found['ibp'])
-    if box is None:
-      free = found
-    else:  # clipping the input set to the box only tightens the bounds
-      for method in certify.METHODS:
-        assert np.all(found[method] >= free[method] - 1e-9), method
-        assert np.any(found[method] > free[method] + 1e-6), method
+    assert np.all(lower['crown'] >= lower['ibp'] - 1e-9)
+    assert np.all(lower['crown'] >= lower['crown-ibp'] - 1e-9)
+    assert np.mean(attacked - lower['crown']) < 0.5 * np.mean(attacked - lower['ibp'])
+  for method in certify.METHODS:  # clipping the input set to the box only tightens the bounds
+    assert np.all(found[method, 'box'][0] >= found[method, 'free'][0] - 1e-9), method
+    assert np.any(found[method, 'box'][0] > found[method, 'free'][0] + 1e-6), method
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -207,33 +213,35 @@ def test_exact_for_affine_networks(x64):
   net = _affine_net(0)
   x = jax.random.uniform(jax.random.PRNGKey(0), (2, 4, 4, 2), jnp.float64)
   C = jnp.asarray(np.random.default_rng(1).normal(size=(3, 4)))
+  eps_box = 0.3
+
+  @fast_jit
+  def everything(x):
+    free = {(n, m): certify.bounds(net, x, 0.1, n, m, C=C) for n in certify.NORMS for m in ('ibp', 'crown')}
+    boxed = {n: certify.bounds(net, x, eps_box, n, 'crown', C=C, box=(0.0, 1.0))[0] for n in certify.NORMS}
+    return free, boxed, certify.bounds(net, x, 0.0, 'linf', 'crown')
+
+  free, boxed, point = everything(x)
   J = jax.vmap(lambda xi: jax.jacobian(lambda z: net(z[None])[0])(xi).reshape(4, -1))(x)
   A = jnp.einsum('sk,bkd->bsd', C, J)
   centre = net(x) @ C.T
-  expected = {'linf': (centre - 0.1 * jnp.sum(jnp.abs(A), -1), centre + 0.1 * jnp.sum(jnp.abs(A), -1)),
-              'l2': (centre - 0.1 * jnp.linalg.norm(A, axis=-1), centre + 0.1 * jnp.linalg.norm(A, axis=-1))}
-  for norm, (lo, hi) in expected.items():
-    for method in ('ibp', 'crown'):  # (no maxima: 'crown-ibp' is 'crown')
-      lower, upper = certify.bounds(net, x, 0.1, norm, method, C=C)
-      np.testing.assert_allclose(lower, lo, atol=1e-10)
-      np.testing.assert_allclose(upper, hi, atol=1e-10)
+  expected = {'linf': 0.1 * jnp.sum(jnp.abs(A), -1), 'l2': 0.1 * jnp.linalg.norm(A, axis=-1)}
+  for (norm, method), (lower, upper) in free.items():  # (no maxima: 'crown-ibp' is 'crown')
+    np.testing.assert_allclose(lower, centre - expected[norm], atol=1e-10, err_msg=f'{norm} {method}')
+    np.testing.assert_allclose(upper, centre + expected[norm], atol=1e-10, err_msg=f'{norm} {method}')
   # With the [0, 1] box: l_inf by the box corners, l_2 against a numerical optimum (scipy).
-  eps = 0.3
   xf = np.asarray(x.reshape(2, -1))
-  lo_box, hi_box = np.maximum(xf - eps, 0), np.minimum(xf + eps, 1)
-  lower, _ = certify.bounds(net, x, eps, 'linf', 'crown', C=C, box=(0.0, 1.0))
+  lo_box, hi_box = np.maximum(xf - eps_box, 0), np.minimum(xf + eps_box, 1)
   corner = centre + jnp.sum(jnp.minimum(A * (lo_box - xf)[:, None], A * (hi_box - xf)[:, None]), -1)
-  np.testing.assert_allclose(lower, corner, atol=1e-10)
-  lower, _ = certify.bounds(net, x, eps, 'l2', 'crown', C=C, box=(0.0, 1.0))
+  np.testing.assert_allclose(boxed['linf'], corner, atol=1e-10)
   for b in range(2):
     for s in range(3):
       a = np.asarray(A[b, s])
-      ref = _l2_box_minimum(a, xf[b], eps, np.zeros_like(xf[b]), np.ones_like(xf[b])) - a @ xf[b]
-      assert abs(float(lower[b, s] - centre[b, s]) - ref) < 1e-6 * max(1.0, abs(ref))
-  # Bounds of a constant function are the constant; eps = 0 gives the point value.
-  lower, upper = certify.bounds(net, x, 0.0, 'linf', 'crown')
-  np.testing.assert_allclose(lower, net(x), atol=1e-12)
-  np.testing.assert_allclose(upper, net(x), atol=1e-12)
+      ref = _l2_box_minimum(a, xf[b], eps_box, np.zeros_like(xf[b]), np.ones_like(xf[b])) - a @ xf[b]
+      assert abs(float(boxed['l2'][b, s] - centre[b, s]) - ref) < 1e-6 * max(1.0, abs(ref))
+  # eps = 0 gives the point value.
+  np.testing.assert_allclose(point[0], net(x), atol=1e-12)
+  np.testing.assert_allclose(point[1], net(x), atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -252,21 +260,27 @@ def test_margin_bounds_are_differentiable_in_params(x64):
        'fc': jnp.asarray(rng.normal(size=(3, 3)))}
   x = jax.random.uniform(jax.random.PRNGKey(0), (2, 3, 3, 2), jnp.float64)
   y = jnp.argmax(model(p, x), axis=1)
+  objective = lambda p, method: jnp.sum(certify.margin_lower_bounds(model, x, y, 0.02, 'linf', method, params=p))
+  values = fast_jit(lambda p: jnp.stack([objective(p, m) for m in certify.METHODS]))
+
+  @fast_jit
+  def gradients(p):
+    grads = [jax.grad(lambda q, m=m: objective(q, m))(p) for m in certify.METHODS]
+    # A model closing over its parameters is differentiated through the closure the same way.
+    closed = jax.grad(lambda p: jnp.sum(certify.margin_lower_bounds(
+        lambda x: model(p, x), x, y, 0.02, 'linf', 'crown-ibp')))(p)
+    return grads, closed
+
+  grads, closed = gradients(p)
   direction = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), p)
-  for method in certify.METHODS:
-    objective = lambda p: jnp.sum(certify.margin_lower_bounds(model, x, y, 0.02, 'linf', method, params=p))
-    grad = jax.jit(jax.grad(objective))(p)
-    h = 1e-6
-    shifted = lambda s: objective(jax.tree.map(lambda a, d: a + s * h * d, p, direction))
-    fd = (shifted(1) - shifted(-1)) / (2 * h)
+  h = 1e-6
+  shifted = lambda s: values(jax.tree.map(lambda a, d: a + s * h * d, p, direction))
+  fd = (shifted(1) - shifted(-1)) / (2 * h)
+  for k, grad in enumerate(grads):
     analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
-    np.testing.assert_allclose(analytic, fd, rtol=1e-5, atol=1e-7)
-  # A model closing over its parameters is differentiated through the closure the same way.
-  closed = jax.grad(lambda p: jnp.sum(certify.margin_lower_bounds(
-      lambda x: model(p, x), x, y, 0.02, 'linf', 'crown-ibp')))(p)
-  explicit = jax.grad(lambda p: jnp.sum(certify.margin_lower_bounds(
-      model, x, y, 0.02, 'linf', 'crown-ibp', params=p)))(p)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-12), closed, explicit)
+    np.testing.assert_allclose(analytic, fd[k], rtol=1e-5, atol=1e-7, err_msg=certify.METHODS[k])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-12), closed,
+               grads[certify.METHODS.index('crown-ibp')])
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -292,14 +306,16 @@ def digits_model():
   state = opt.init(p)
   xt, yt = jnp.asarray(x[:1500]), jnp.asarray(y[:1500])
 
-  @jax.jit
-  def step(p, state):
-    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(model(p, xt), yt).mean()
-    updates, state = opt.update(jax.grad(loss)(p), state)
-    return optax.apply_updates(p, updates), state
+  @fast_jit
+  def train(p, state):
+    def step(carry, _):
+      p, state = carry
+      loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(model(p, xt), yt).mean()
+      updates, state = opt.update(jax.grad(loss)(p), state)
+      return (optax.apply_updates(p, updates), state), None
+    return lax.scan(step, (p, state), None, length=300)[0][0]
 
-  for _ in range(300):
-    p, state = step(p, state)
+  p = train(p, state)
   acc = np.mean(np.asarray(jnp.argmax(model(p, jnp.asarray(x[1500:])), 1)) == y[1500:])
   assert acc > 0.85
   return model, p, x[1500:1512], y[1500:1512]
@@ -317,7 +333,8 @@ def test_certified_radius_is_not_broken_by_pgd(x64, digits_model, norm):
   assert np.all(r[~correct] == 0) and np.all(r[correct] > 0)
   assert np.mean(radii['crown']) > np.mean(radii['ibp'])
   # The radius is a certified eps of the search: all margin lower bounds are positive there ...
-  lower = certify.margin_lower_bounds(fn, x[correct], y[correct], r[correct], norm, 'crown')
+  lower = fast_jit(lambda x, y, r: certify.margin_lower_bounds(fn, x, y, r, norm, 'crown'))(
+      x[correct], y[correct], jnp.asarray(r[correct]))
   assert np.all(np.asarray(lower) > 0)
   # ... and PGD at that radius changes no prediction, while it finds adversarial points at 4r.
   attack = pgd(fn, norm)
@@ -325,8 +342,23 @@ def test_certified_radius_is_not_broken_by_pgd(x64, digits_model, norm):
   assert np.all(attack(x[correct], C, jnp.asarray(r[correct])) > 0)
   broken = np.min(attack(x[correct], C, jnp.asarray(4 * r[correct])), axis=1) < 0
   assert np.mean(broken) > 0.5
-  # The same radii with the model given as fn(params, x).
-  np.testing.assert_allclose(certify.certified_radius(model, x, y, norm, 'crown', params=p), r)
+
+
+def test_certified_radii_report(digits_model):
+  """The evaluation report's entry: radii of the search (float32, [0, 1] box), their mean, JSON values."""
+  model, p, x, y = digits_model
+  fn = functools.partial(model, p)
+  report = certify.certified_radii_report(fn, x, y, norms=('linf', 'l2'), method='ibp', steps=6, batch_size=5)
+  assert set(report) == {'linf', 'l2'}
+  for norm, entry in report.items():
+    assert set(entry) == {'method', 'mean_radius', 'radii', 'certified_at_eps0_fraction'} and entry['method'] == 'ibp'
+    assert all(type(r) is float for r in entry['radii']) and len(entry['radii']) == len(y)  # pylint: disable=unidiomatic-typecheck
+    expected = certify.certified_radius(fn, x, y, norm, 'ibp', box=(0.0, 1.0), steps=6)
+    np.testing.assert_allclose(entry['radii'], expected)  # batches of 5 (the last one padded): the same radii
+    assert entry['mean_radius'] == pytest.approx(np.mean(expected))
+    assert entry['certified_at_eps0_fraction'] == pytest.approx(np.mean(expected >= 0.05 * (1 - 1e-6)))
+  with pytest.raises(ValueError, match='float images'):
+    certify.certified_radii_report(fn, (x * 255).astype(np.uint8), y)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -359,27 +391,48 @@ def _looped_net(loop):
   return net
 
 
-def test_scans_cond_and_rewritten_primitives(x64):
-  """Scans are propagated as loops (IBP, CROWN-IBP) or unrolled (CROWN): the same bounds as Python loops;
-  cond with a concrete index takes its branch, with a traced one (params under jit) selects among all."""
+def test_scans_cond_and_rewritten_primitives(x64, monkeypatch):
+  """Scans are propagated as loops (IBP, CROWN-IBP; small scans too, here) or unrolled (CROWN): the same
+  bounds as Python loops; cond with a concrete index takes its branch, with a traced one (params under jit)
+  selects among all."""
+  monkeypatch.setattr(graph, '_UNROLL_SIZE', 0)
   ws = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4, 4)) / 2)
   scanned, looped = _looped_net(lax.scan), _looped_net(_python_scan)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 4), jnp.float64)
-  for norm, eps, methods in (('linf', 0.1, certify.METHODS), ('l2', 0.2, ('crown-ibp',))):
-    out = jax.vmap(functools.partial(scanned, ws))(random_points(jax.random.PRNGKey(1), x, eps, norm, 500))
-    for method in methods:
-      lower, upper = certify.bounds(functools.partial(scanned, ws), x, eps, norm, method)
-      assert np.all(out >= lower[None] - 1e-9) and np.all(out <= upper[None] + 1e-9), (norm, method)
+  cases = [('linf', 0.1, m) for m in certify.METHODS] + [('l2', 0.2, 'crown-ibp')]
+
+  @fast_jit
+  def everything(ws):
+    out = {}
+    for norm, eps, method in cases:
+      out[f'{norm} {method}'] = certify.bounds(functools.partial(scanned, ws), x, eps, norm, method)
       if method != 'crown':  # (CROWN unrolls scans)
-        reference = certify.bounds(functools.partial(looped, ws), x, eps, norm, method)
-        np.testing.assert_allclose(lower, reference[0], atol=1e-12)
-        np.testing.assert_allclose(upper, reference[1], atol=1e-12)
-  traced = jax.jit(lambda ws: certify.bounds(scanned, x, 0.1, 'linf', 'crown-ibp', params=ws))(ws)
-  np.testing.assert_allclose(traced[0], certify.bounds(looped, x, 0.1, 'linf', 'crown-ibp', params=ws)[0],
-                             atol=1e-12)
-  lower, upper = certify.bounds(functools.partial(scanned, ws), x, 0.0, 'linf', 'crown-ibp')
-  np.testing.assert_allclose(lower, scanned(ws, x), atol=1e-12)
-  np.testing.assert_allclose(upper, scanned(ws, x), atol=1e-12)
+        out[f'{norm} {method} looped'] = certify.bounds(functools.partial(looped, ws), x, eps, norm, method)
+    # ws traced: the cond index is a tracer.
+    out['traced'] = certify.bounds(scanned, x, 0.1, 'linf', 'crown-ibp', params=ws)
+    out['point'] = certify.bounds(functools.partial(scanned, ws), x, 0.0, 'linf', 'crown-ibp')
+    return out
+
+  out = everything(ws)
+  for norm, eps, method in cases:
+    samples = jax.vmap(functools.partial(scanned, ws))(random_points(jax.random.PRNGKey(1), x, eps, norm, 500))
+    lower, upper = out[f'{norm} {method}']
+    assert np.all(samples >= lower[None] - 1e-9) and np.all(samples <= upper[None] + 1e-9), (norm, method)
+    if method != 'crown':
+      np.testing.assert_allclose(lower, out[f'{norm} {method} looped'][0], atol=1e-12)
+      np.testing.assert_allclose(upper, out[f'{norm} {method} looped'][1], atol=1e-12)
+  np.testing.assert_allclose(out['traced'][0], out['linf crown-ibp looped'][0], atol=1e-12)
+  np.testing.assert_allclose(out['point'][0], scanned(ws, x), atol=1e-12)
+  np.testing.assert_allclose(out['point'][1], scanned(ws, x), atol=1e-12)
+
+
+def test_small_scans_are_unrolled():
+  """Loops over a few cheap iterations (e.g. kernel taps) are inlined; long or large ones stay loops."""
+  body = lambda c, v: (jnp.maximum(c, v * c), None)
+  small = lambda x: lax.scan(body, x, jnp.arange(3.0))[0]
+  large = lambda x: lax.scan(body, x, jnp.arange(1000.0))[0]
+  kinds = lambda fn: {n.kind for n in graph.build(fn, (jnp.ones((1, 3)),), 0).nodes}
+  assert 'scan' not in kinds(small) and 'scan' in kinds(large)
 
 
 def test_errors_name_the_problem():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from sklearn import datasets as sk_datasets
 
-from jaxnas import attacks, certify, cli, evaluate, interop, main, train
+from jaxnas import attacks, cli, evaluate, interop, main, train
 
 QUICK_AA = dict(n_iter=8, n_target_classes=2, n_queries=40)
 
@@ -137,10 +137,12 @@ def trained(tmp_path_factory):
 
 
 def test_evaluate_command_on_a_checkpoint_and_on_its_torch_state_dict(trained, tmp_path, capsys):
-  assert cli.main(['evaluate', '--checkpoint', str(trained / 'checkpoints'), *EVAL]) == 0
+  certified = ['--certify', 'linf', '--certify-method', 'ibp']
+  assert cli.main(['evaluate', '--checkpoint', str(trained / 'checkpoints'), *EVAL, *certified]) == 0
   printed = capsys.readouterr().out
   result = json.loads((trained / 'evaluation.json').read_text())
-  assert '| PGD-20 |' in printed and printed.startswith((trained / 'evaluation.md').read_text())
+  assert '| PGD-20 |' in printed and '## Certified robustness' in printed
+  assert printed.startswith((trained / 'evaluation.md').read_text())
   assert list(result['attacks']) == ['fgsm', 'pgd20'] and result['n_examples'] == 8
   assert result['source']['checkpoint_step'] == 20
   # The clean accuracy of the restored network (inference mode) on the first 8 test digits.
@@ -150,6 +152,14 @@ def test_evaluate_command_on_a_checkpoint_and_on_its_torch_state_dict(trained, t
   assert result['per_example']['clean_correct'] == clean.tolist()
   for name in ('fgsm', 'pgd20'):
     assert not np.any(np.asarray(result['per_example']['robust'][name]) & ~clean)
+  # Certified radii (IBP, l_inf): none for a misclassified point, and no attack at eps breaks a point certified
+  # beyond eps.
+  entry = result['certified']['ibp_linf']
+  radii = np.asarray(entry['radii'])
+  assert entry['norm'] == 'linf' and len(radii) == 8 and entry['mean_radius'] == pytest.approx(radii.mean())
+  assert np.all(radii[~clean] == 0)
+  for name in ('fgsm', 'pgd20'):
+    assert np.all(np.asarray(result['per_example']['robust'][name])[radii > result['eps']])
 
   # The same weights as a PyTorch state dict (.npz, PyTorch names and layouts) give the same evaluation.
   state_dict = interop.to_torch_state_dict(variables, net)
@@ -188,18 +198,3 @@ def test_training_mode_models_are_refused(trained):
   with pytest.raises(ValueError, match='train=True'):
     evaluate.evaluate_model(functools.partial(net.apply, variables, train=True), x, y, evaluate.default_config())
 
-
-@pytest.mark.skipif(not hasattr(certify, 'certified_radii_report'), reason='jaxnas.certify has no radii report yet')
-def test_certified_radii_in_the_evaluation_and_the_report(trained, tmp_path, capsys):
-  output = tmp_path / 'certified'
-  assert cli.main(['evaluate', '--checkpoint', str(trained), '--attacks', 'pgd20', '--n-examples', '8',
-                   '--batch-size', '8', '--certify', 'linf', '--output', str(output)]) == 0
-  assert '## Certified robustness' in capsys.readouterr().out
-  result = json.loads((output / 'evaluation.json').read_text())
-  entry = result['certified']['crown_linf']
-  radii = np.asarray(entry['radii'])
-  assert entry['norm'] == 'linf' and len(radii) == 8 and entry['mean_radius'] == pytest.approx(radii.mean())
-  clean = np.asarray(result['per_example']['clean_correct'])
-  assert np.all(radii[~clean] == 0)   # a misclassified point has no certified radius
-  # Soundness: PGD at eps cannot break a point certified beyond eps.
-  assert np.all(np.asarray(result['per_example']['robust']['pgd20'])[radii > result['eps']])

@@ -14,7 +14,8 @@ the input becomes a node of the graph:
 * ``scan``       a ``lax.scan`` kept as a loop (its outputs are read by ``part`` nodes): its body is rebuilt as a
                  graph inside the bound computation's own ``lax.scan``, so compile time does not grow with the
                  number of iterations (``ScanInfo``). With ``unroll=True`` scans are unrolled instead (needed
-                 by full CROWN, whose intermediate bounds need backward passes across iterations).
+                 by full CROWN, whose intermediate bounds need backward passes across iterations), and small
+                 scans (at most ``_UNROLL_SIZE`` equations in all iterations) always are.
 
 Calls (``jit``, ``custom_jvp_call``, ``custom_vjp_call``, ``checkpoint``) are inlined, ``cond`` with an exact
 index selects its branch (a traced index selects among all branches), and ``min``, ``clamp``, ``abs``,
