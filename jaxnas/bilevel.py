@@ -7,6 +7,10 @@ batch, first order or through one unrolled weight step) are jitted functions of 
 objectives, optimizer settings), a static ``schedules.Phase``, the state, the batches and traced
 hyper-parameters ``{'w_lr', 'a_lr'}``: learning-rate changes never recompile, and each phase compiles once.
 
+Gradient accumulation (``Program.grad_accum_steps`` = k > 1): the weight step runs its batch as k strided
+micro-batches under ``lax.scan`` and makes one update with the mean gradient (``accumulate_gradients``); the
+architecture step is not accumulated (its batch is processed whole).
+
 Randomness is a pure function of the state: step ``t`` uses ``fold_in(state.rng, t)``, split into fixed
 streams for augmentation and objectives, so a resumed search draws the same numbers as an uninterrupted one.
 
@@ -27,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxnas import combine
+from jaxnas import combine, parallel
 from jaxnas import data as data_lib
 from jaxnas.objectives import compose
 from jaxnas.schedules import Phase
@@ -109,8 +113,11 @@ class Program:
   arch: ArchOptim = ArchOptim()
   augment: Augment = Augment()
   projection: Projection | None = None
+  grad_accum_steps: int = 1  # micro-batches per weight step (accumulate_gradients)
 
   def __post_init__(self):
+    if self.grad_accum_steps < 1:
+      raise ValueError(f'grad_accum_steps={self.grad_accum_steps}: use 1 (no accumulation) or more')
     if self.arch.order not in (1, 2):
       raise ValueError(f'arch.order={self.arch.order}: use 1 (first order) or 2 (unrolled, second order)')
     if self.arch.hvp not in HVP_METHODS:
@@ -216,6 +223,44 @@ def unrolled_arch_grad(lower_fn: Callable, upper_fn: Callable, params, alphas, w
 
 
 # ------------------------------------------------------------------------------------------------
+# Gradient accumulation.
+# ------------------------------------------------------------------------------------------------
+def accumulate_gradients(loss_fn: Callable, params, batch_stats, batch: dict, k: int):
+  """Mean loss and gradient of ``loss_fn`` over ``k`` micro-batches of ``batch`` (``parallel.micro_batches``)
+  run one after another under ``lax.scan``: one compiled body, the activation memory of one micro-batch.
+
+  ``loss_fn(params, batch_stats, batch, index) -> (loss, (new_batch_stats, metrics))``; ``index`` is the
+  micro-batch's number (None when ``k == 1``: the whole batch, no scan). As in PyTorch with accumulation,
+  BatchNorm normalises with each micro-batch's statistics and the running statistics are updated once per
+  micro-batch, in order (a micro-batch sees the running statistics its predecessors left). 0-d entries of
+  ``batch`` (the epoch) go to every micro-batch. Returns ``(loss, batch_stats, metrics, grads)``, loss,
+  metrics and gradient averaged over the micro-batches.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if k == 1:
+    (loss, (batch_stats, metrics)), grads = grad_fn(params, batch_stats, batch, None)
+    return loss, batch_stats, metrics, grads
+  shared = {name: v for name, v in batch.items() if jnp.ndim(v) == 0}
+  split = parallel.micro_batches({name: v for name, v in batch.items() if jnp.ndim(v)}, k)
+
+  def body(carry, xs):
+    stats, grad_sum = carry
+    index, micro = xs
+    (loss, (stats, metrics)), grads = grad_fn(params, stats, {**micro, **shared}, index)
+    return (stats, jax.tree.map(jnp.add, grad_sum, grads)), (loss, metrics)
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (batch_stats, grad_sum), (losses, metrics) = jax.lax.scan(body, (batch_stats, zeros), (jnp.arange(k), split))
+  return (jnp.mean(losses), batch_stats, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics),
+          jax.tree.map(lambda g: g / k, grad_sum))
+
+
+def micro_key(key, index):
+  """The key of micro-batch ``index`` (the step's key itself without accumulation)."""
+  return key if index is None else jax.random.fold_in(key, index)
+
+
+# ------------------------------------------------------------------------------------------------
 # The steps.
 # ------------------------------------------------------------------------------------------------
 def _step_key(state: SearchState, stream: int):
@@ -285,22 +330,27 @@ def weight_step(program: Program, phase: Phase, state: SearchState, batch: dict,
   """One lower-level SGD step on the weighted active lower objectives; increments ``state.step``.
 
   ``batch``: uint8 ``image``, ``label``, int32 ``epoch`` (and ``ood_image``); ``hparams['w_lr']`` the
-  learning rate. Returns ``(state, metrics)``.
+  learning rate. The batch is augmented whole, then its gradient accumulated over
+  ``program.grad_accum_steps`` micro-batches (``accumulate_gradients``). Returns ``(state, metrics)``.
   """
   TRACES['weight_step'] += 1
   data = _prepare(program, batch, _step_key(state, _TRAIN_AUG))
   lower = compose.weighted(_level(program, program.lower, phase.lower))
   key = _step_key(state, _LOWER)
-  loss_fn = lambda params: lower(params, state.batch_stats, state.alphas, data, key)
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+  def loss_fn(params, batch_stats, micro, index):
+    loss, aux = lower(params, batch_stats, state.alphas, micro, micro_key(key, index))
+    return loss, (_restructure(state.batch_stats, aux.batch_stats), aux.metrics)
+
+  loss, batch_stats, aux_metrics, grads = accumulate_gradients(loss_fn, state.params, state.batch_stats, data,
+                                                               program.grad_accum_steps)
   opt = weight_optimizer(program.weights, hparams['w_lr'])
   updates, w_opt_state = opt.update(grads, state.w_opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  state = state.replace(params=params, batch_stats=_restructure(state.batch_stats, aux.batch_stats),
-                        w_opt_state=w_opt_state, step=state.step + 1)
+  state = state.replace(params=params, batch_stats=batch_stats, w_opt_state=w_opt_state, step=state.step + 1)
   metrics = {'train/loss': loss, 'train/grad_norm': optax.tree.norm(grads),
              'train/param_norm': optax.tree.norm(params), 'train/weights_finite': _all_finite(params),
-             **_prefixed('train', aux.metrics)}
+             **_prefixed('train', aux_metrics)}
   return state, metrics
 
 

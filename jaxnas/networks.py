@@ -13,14 +13,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxnas import cells, genotypes, ops
+from jaxnas import cells, genotypes, ops, parallel
 
 
 def drop_path(x, drop_prob, rng):
   """Per-sample drop-path scaled by 1/keep (DARTS ``utils.drop_path``)."""
   keep = 1.0 - drop_prob
   mask = jax.random.bernoulli(rng, keep, (x.shape[0], 1, 1, 1))
-  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
 
 def uses_drop_path(train: bool, drop_path_prob) -> bool:
@@ -107,6 +107,10 @@ class EvalNetwork:
   std: tuple[float, ...] | None = None
   depthwise: str = 'auto'
   remat: bool = False  # recompute cell activations in the backward pass (jax.checkpoint per cell)
+  compute_dtype: str = 'float32'  # 'bfloat16': activations in bf16, float32 weights / BN statistics / logits
+
+  def __post_init__(self):
+    parallel.check_compute_dtype(self.compute_dtype)
 
   @property
   def plan(self) -> list[cells.CellSpec]:
@@ -143,11 +147,13 @@ class EvalNetwork:
     return cells.as_variables(params, stats, x.dtype)
 
   def apply(self, variables, x, train: bool = False, rng=None, drop_path_prob: float = 0.0):
-    """Inference returns ``logits``; train mode returns ``(logits, logits_aux or None, new_batch_stats)``."""
-    params, stats = variables['params'], variables['batch_stats']
+    """Inference returns ``logits``; train mode returns ``(logits, logits_aux or None, new_batch_stats)``.
+    Computes in ``compute_dtype``; logits come back in ``x``'s dtype."""
+    params, stats = parallel.compute_cast(self.compute_dtype, variables['params']), variables['batch_stats']
     if uses_drop_path(train, drop_path_prob) and rng is None:
       raise ValueError('drop-path needs a PRNG key: pass rng=... to apply(train=True)')
-    h = cells.normalize(x, self.mean, self.std)
+    out_dtype = x.dtype
+    h = cells.normalize(parallel.compute_cast(self.compute_dtype, x), self.mean, self.std)
     h, stem_s = cells.stem_apply(params['stem'], stats['stem'], h, train)
     aux = {}
 
@@ -163,13 +169,15 @@ class EvalNetwork:
     use_rng = rng if uses_drop_path(train, drop_path_prob) else None
     s1, cell_s, _ = cells.run_cells(cell_fn, self.plan, params['cells'], stats['cells'], h, h, use_rng,
                                     split_after=(self.aux_index,), on_output=on_output, remat=self.remat)
-    logits = cells.classifier_head(params['classifier'], s1)
+    logits = cells.classifier_head(params['classifier'], s1).astype(out_dtype)
     if not train:
       return logits
     new_stats = {'stem': stem_s, 'cells': cell_s}
+    logits_aux = None
     if self.auxiliary:
       new_stats['aux_head'] = aux['stats']
-    return logits, aux.get('logits'), new_stats
+      logits_aux = aux['logits'].astype(out_dtype)
+    return logits, logits_aux, new_stats
 
   def logits_fn(self, variables):
     """``x -> logits`` in inference mode (running BN statistics, no drop-path, no aux head)."""

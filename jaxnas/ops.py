@@ -83,20 +83,22 @@ def bn_init(C, affine):
 
 def batch_norm(params, stats, x, train):
   """BatchNorm2d over N, H, W; train mode uses batch statistics and updates the running ones as PyTorch does
-  (momentum 0.1, unbiased variance in the running estimate)."""
+  (momentum 0.1, unbiased variance in the running estimate). Statistics and normalisation are computed in at
+  least float32, the output has ``x``'s dtype (bfloat16 activations keep float32 running statistics)."""
+  y = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   if train:
-    mean = jnp.mean(x, axis=(0, 1, 2))
-    var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+    mean = jnp.mean(y, axis=(0, 1, 2))
+    var = jnp.mean(jnp.square(y - mean), axis=(0, 1, 2))
     n = x.size // x.shape[-1]
     new_stats = jax.tree.map(lax.stop_gradient, {
         'mean': (1 - BN_MOMENTUM) * stats['mean'] + BN_MOMENTUM * mean,
         'var': (1 - BN_MOMENTUM) * stats['var'] + BN_MOMENTUM * var * n / max(n - 1, 1)})
   else:
     mean, var, new_stats = stats['mean'], stats['var'], stats
-  y = (x - mean) * lax.rsqrt(var + BN_EPS)
+  y = (y - mean) * lax.rsqrt(var + BN_EPS)
   if params:
     y = y * params['scale'] + params['bias']
-  return y, new_stats
+  return y.astype(x.dtype), new_stats
 
 
 def conv2d(x, kernel, stride=1, padding=0, dilation=1):
@@ -152,13 +154,14 @@ def _tap_weight_grad(xp, g, k, stride, dilation):
   """
   out_h, out_w = g.shape[1:3]
   c, v = g.shape[3], xp.shape[2]
+  accumulate = jnp.promote_types(g.dtype, jnp.float32)  # bfloat16 cotangents: sum over the batch in float32
   rows = []
   for i in range(k):
     x_i = lax.slice_in_dim(xp, i * dilation, i * dilation + (out_h - 1) * stride + 1, stride, axis=1)
-    m = jnp.einsum('byxc,byvc->cxv', g, x_i, preferred_element_type=g.dtype).reshape(c, out_w * v)
+    m = jnp.einsum('byxc,byvc->cxv', g, x_i, preferred_element_type=accumulate).reshape(c, out_w * v)
     m = jnp.pad(m, ((0, 0), (0, out_w * stride))).reshape(c, out_w, v + stride)
     rows.append(jnp.sum(m[:, :, :(k - 1) * dilation + 1:dilation], axis=1).T)
-  return jnp.stack(rows)
+  return jnp.stack(rows).astype(g.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

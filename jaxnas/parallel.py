@@ -10,16 +10,22 @@ the same result on 1 or N devices for the same global batch.
 Multi-host: every process calls ``initialize()`` (``jax.distributed.initialize``), reads its own disjoint
 slice of each global batch (``jaxnas.data.epoch_batches(process_index=..., process_count=...)``), and
 ``global_batch`` assembles the global array with ``jax.make_array_from_process_local_data``.
+
+Memory and speed knobs used by the steps: gradient accumulation over strided micro-batches
+(``micro_batches``, ``bilevel.accumulate_gradients``) and bfloat16 compute with float32 master weights
+(``compute_cast``, used inside the networks' ``apply``).
 """
 from __future__ import annotations
 
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
+COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -67,13 +73,39 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-  """The per-device batch size; the global batch must split evenly over devices and processes."""
+def check_batch_size(global_batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> int:
+  """The per-device batch size; the global batch must split evenly over devices and processes, and each
+  device's share into ``grad_accum_steps`` micro-batches."""
   n = mesh.devices.size
-  if global_batch_size % n or global_batch_size % jax.process_count():
+  if grad_accum_steps < 1:
+    raise ValueError(f'parallel.grad_accum_steps={grad_accum_steps}: use 1 (no accumulation) or more')
+  if global_batch_size % (n * grad_accum_steps) or global_batch_size % jax.process_count():
     raise ValueError(f'global batch size {global_batch_size} does not split over {n} devices / '
-                     f'{jax.process_count()} processes: choose a multiple of {n}')
+                     f'{jax.process_count()} processes and {grad_accum_steps} micro-batch(es): choose a multiple '
+                     f'of {n * grad_accum_steps}')
   return global_batch_size // n
+
+
+def micro_batches(batch, k: int):
+  """Every array of ``batch`` (leading axis B) as ``(k, B / k, ...)``: micro-batch j holds examples j, j + k,
+  j + 2k, ... A device holding a contiguous shard of the batch holds its share of every micro-batch, so
+  splitting needs no communication, and the micro-batches do not depend on the number of devices."""
+  return jax.tree.map(lambda a: a.reshape(a.shape[0] // k, k, *a.shape[1:]).swapaxes(0, 1), batch)
+
+
+def check_compute_dtype(name: str) -> None:
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f'compute_dtype={name!r}: use one of {COMPUTE_DTYPES}')
+
+
+def compute_cast(compute_dtype: str, tree):
+  """Floating leaves of ``tree`` in the compute dtype: unchanged for 'float32' (compute in the weights' own
+  dtype), bfloat16 casts of the float32 master weights and inputs for 'bfloat16' (their gradients flow back
+  to float32 through the casts)."""
+  if compute_dtype == 'float32':
+    return tree
+  dtype = jnp.dtype(compute_dtype)
+  return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
 def global_batch(local_batch, mesh: Mesh):

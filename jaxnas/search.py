@@ -60,7 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
           placement='',           # DSARA cell placement, e.g. 'A-A-R' ('' = the space's)
           widths=(),              # width multiplier per stage, e.g. (1, 2, 2) (() = the space's)
           depthwise='auto',       # depthwise conv formulation: auto | shift | grouped
-          remat=False),           # recompute each cell's activations in the backward pass (less memory)
+          remat=False,            # recompute each cell's activations in the backward pass (less memory)
+          compute_dtype='float32'),  # 'bfloat16': bf16 activations; weights, optimizer, BN stats, losses float32
       search=dict(
           epochs=50, batch_size=64,
           lower=[objective('ce')],  # weights descend sum_k weight_k * objective_k on train batches
@@ -81,6 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
       parallel=dict(              # data parallelism over all devices and processes (jaxnas.parallel)
           num_devices=0,          # 0: every device of every process; n: the first n
           per_device_batch_size=0,  # > 0: the global batch is this times the number of devices
+          grad_accum_steps=1,     # > 1: each weight step accumulates the gradient over this many micro-batches
           distributed=False),     # multi-process launch: start jax.distributed (TPU pods, SLURM, env vars)
       checkpoint_every_steps=500,  # plus one at the end of every epoch
       keep_checkpoints=3,
@@ -104,7 +106,8 @@ def make_model(model_config, dataset: data.Dataset) -> search_space.Supernet:
       space=make_space(model_config), init_channels=model_config.init_channels, layers=model_config.layers,
       num_classes=dataset.num_classes, steps=model_config.steps, multiplier=model_config.multiplier,
       stem_multiplier=model_config.stem_multiplier, mean=dataset.mean, std=dataset.std,
-      depthwise=model_config.depthwise, remat=model_config.get('remat', False))
+      depthwise=model_config.depthwise, remat=model_config.get('remat', False),
+      compute_dtype=model_config.get('compute_dtype', 'float32'))
 
 
 def make_program(config, model, dataset: data.Dataset) -> bilevel.Program:
@@ -125,7 +128,7 @@ def make_program(config, model, dataset: data.Dataset) -> bilevel.Program:
                              hvp=a.hvp, fd_radius=a.fd_radius, combiner=a.combiner, normalize=a.normalize),
       augment=bilevel.Augment(crop_padding=d.crop_padding, flip=d.flip, cutout=d.cutout,
                               fill=tuple(dataset.mean)),
-      projection=projection)
+      projection=projection, grad_accum_steps=grad_accum_steps(config))
 
 
 def _cycle(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, start: int) -> Iterator:
@@ -143,11 +146,17 @@ def _process_slice() -> dict:
   return dict(process_index=jax.process_index(), process_count=jax.process_count())
 
 
+def grad_accum_steps(config) -> int:
+  """``parallel.grad_accum_steps`` (1 for configs without it)."""
+  return config.parallel.get('grad_accum_steps', 1) if 'parallel' in config else 1
+
+
 def global_batch_size(config, mesh) -> int:
-  """``search.batch_size``, or ``parallel.per_device_batch_size`` times the devices; checked to split evenly."""
+  """``search.batch_size``, or ``parallel.per_device_batch_size`` times the devices; checked to split evenly
+  over the devices and into micro-batches."""
   per_device = config.parallel.per_device_batch_size if 'parallel' in config else 0
   batch_size = per_device * mesh.devices.size if per_device else config.search.batch_size
-  parallel.check_batch_size(batch_size, mesh)
+  parallel.check_batch_size(batch_size, mesh, grad_accum_steps(config))
   return batch_size
 
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnas import cells, genotypes, ops
+from jaxnas import cells, genotypes, ops, parallel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +159,10 @@ class Supernet:
   std: tuple[float, ...] | None = None
   depthwise: str = 'auto'
   remat: bool = False  # recompute cell activations in the backward pass (jax.checkpoint per cell)
+  compute_dtype: str = 'float32'  # 'bfloat16': activations in bf16, float32 weights / BN statistics / logits
+
+  def __post_init__(self):
+    parallel.check_compute_dtype(self.compute_dtype)
 
   @property
   def plan(self) -> list[cells.CellSpec]:
@@ -191,13 +195,15 @@ class Supernet:
   def apply(self, variables, alphas: Mapping[str, jax.Array], x, train: bool = False,
             return_features: bool = False):
     """Forward pass. Train mode returns ``(logits, new_batch_stats)``; inference returns ``logits``.
-    With ``return_features`` the list of every cell's output is appended (RNAS' feature distortion)."""
-    params, stats = variables['params'], variables['batch_stats']
+    With ``return_features`` the list of every cell's output is appended (RNAS' feature distortion).
+    Computes in ``compute_dtype``; logits and features come back in ``x``'s dtype."""
+    params, stats = parallel.compute_cast(self.compute_dtype, variables['params']), variables['batch_stats']
     missing = set(self.space.cell_types) - set(alphas)
     if missing:
       raise ValueError(f'alphas lack cell types {sorted(missing)}: expected keys {self.space.cell_types}')
     weights = {t: jax.nn.softmax(a, axis=-1) for t, a in alphas.items()}
-    h = cells.normalize(x, self.mean, self.std)
+    out_dtype = x.dtype
+    h = cells.normalize(parallel.compute_cast(self.compute_dtype, x), self.mean, self.std)
     h, stem_s = cells.stem_apply(params['stem'], stats['stem'], h, train)
 
     def cell_fn(spec, p, s, s0, s1, rng):
@@ -208,9 +214,9 @@ class Supernet:
 
     s1, cell_s, features = cells.run_cells(cell_fn, self.plan, params['cells'], stats['cells'], h, h, None,
                                            collect=return_features, remat=self.remat)
-    logits = cells.classifier_head(params['classifier'], s1)
+    logits = cells.classifier_head(params['classifier'], s1).astype(out_dtype)
     out = (logits, {'stem': stem_s, 'cells': cell_s}) if train else (logits,)
-    out = out + (features,) if return_features else out
+    out = out + ([f.astype(out_dtype) for f in features],) if return_features else out
     return out if len(out) > 1 else out[0]
 
   def logits_fn(self, variables, alphas):

@@ -63,6 +63,8 @@ def default_config() -> ml_collections.ConfigDict:
       data=data.default_config(),  # see jaxnas.data.default_config (augmentation: crop_padding, flip, cutout)
       train=dict(
           init_channels=36, layers=20,   # the evaluation network (NetworkCIFAR)
+          compute_dtype='float32',  # 'bfloat16': bf16 activations; weights, optimizer, BN stats, losses float32
+          remat=False,            # recompute each cell's activations in the backward pass (less memory)
           auxiliary=True, auxiliary_weight=0.4,
           drop_path_prob=0.2,     # ramped linearly: drop_path_prob * epoch / epochs
           epochs=600, batch_size=96,
@@ -131,7 +133,8 @@ def make_network(genotype: genotypes.Genotype, t, dataset: data.Dataset) -> netw
   """The evaluation network of ``config.train`` for a dataset (classes, normalisation inside the model)."""
   return networks.EvalNetwork(genotype, init_channels=t.init_channels, layers=t.layers,
                               num_classes=dataset.num_classes, auxiliary=t.auxiliary, mean=dataset.mean,
-                              std=dataset.std)
+                              std=dataset.std, remat=t.get('remat', False),
+                              compute_dtype=t.get('compute_dtype', 'float32'))
 
 
 def network_spec(net: networks.EvalNetwork, image_shape) -> dict:
@@ -172,6 +175,7 @@ class Recipe:
   augment: bilevel.Augment = bilevel.Augment()
   auxiliary_weight: float = 0.4
   adversary: Adversary | None = None
+  grad_accum_steps: int = 1  # micro-batches per step (bilevel.accumulate_gradients)
 
 
 def make_recipe(config, net: networks.EvalNetwork) -> Recipe:
@@ -185,7 +189,8 @@ def make_recipe(config, net: networks.EvalNetwork) -> Recipe:
                                                    grad_clip=t.grad_clip),
                 augment=bilevel.Augment(crop_padding=d.crop_padding, flip=d.flip, cutout=d.cutout,
                                         fill=tuple(net.mean)),
-                auxiliary_weight=float(t.auxiliary_weight) if net.auxiliary else 0.0, adversary=adversary)
+                auxiliary_weight=float(t.auxiliary_weight) if net.auxiliary else 0.0, adversary=adversary,
+                grad_accum_steps=search.grad_accum_steps(config))
 
 
 def init_state(net: networks.EvalNetwork, rng, image_shape) -> TrainState:
@@ -241,21 +246,21 @@ def _kl(p, logits):
   return jnp.sum(p * (jnp.log(jnp.maximum(p, 1e-12)) - jax.nn.log_softmax(logits)), axis=-1)
 
 
-def _attack(recipe: Recipe, state: TrainState, x, y, drop_path_prob):
+def _attack(recipe: Recipe, variables, keys, x, y, drop_path_prob):
   """Adversarial training examples (``stop_gradient``): PGD on the cross-entropy, or TRADES' PGD on
-  ``KL(f(x) || f(x'))``, against the network in the adversary's ``attack_mode``."""
+  ``KL(f(x) || f(x'))``, against the network in the adversary's ``attack_mode``; ``keys(stream)`` gives the
+  PRNG keys."""
   adv, net = recipe.adversary, recipe.net
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
   if adv.attack_mode == 'eval':
     logits_fn = lambda z: net.apply(variables, z)
   else:
-    key = _key(state, _DROP_PATH_ADV)
+    key = keys(_DROP_PATH_ADV)
     logits_fn = lambda z: net.apply(variables, z, train=True, rng=key, drop_path_prob=drop_path_prob)[0]
   loss = 'ce'
   if adv.method == 'trades':
     p_natural = jax.lax.stop_gradient(jax.nn.softmax(logits_fn(x)))
     loss = lambda logits, _: _kl(p_natural, logits)
-  return pgd_attack.pgd(logits_fn, x, y, _key(state, _ATTACK), eps=adv.eps, step_size=adv.step_size,
+  return pgd_attack.pgd(logits_fn, x, y, keys(_ATTACK), eps=adv.eps, step_size=adv.step_size,
                         steps=adv.steps, norm=adv.norm, loss=loss, random_start=adv.random_start)
 
 
@@ -263,37 +268,40 @@ def _attack(recipe: Recipe, state: TrainState, x, y, drop_path_prob):
 def train_step(recipe: Recipe, state: TrainState, batch: dict, hparams: dict):
   """One SGD step on uint8 ``batch['image']`` / ``batch['label']``; ``hparams``: ``lr``, ``drop_path_prob``
   (traced: schedules never recompile). Loss: standard ``CE(f(x)) + w_aux CE(f_aux(x))``; PGD: the same on
-  ``x'``; TRADES: ``CE(f(x)) + beta KL(f(x) || f(x')) + w_aux CE(f_aux(x))``. Returns ``(state, metrics)``."""
+  ``x'``; TRADES: ``CE(f(x)) + beta KL(f(x) || f(x')) + w_aux CE(f_aux(x))``. The batch is augmented whole;
+  the attack, forward and backward pass run per micro-batch with ``recipe.grad_accum_steps > 1``
+  (``bilevel.accumulate_gradients``). Returns ``(state, metrics)``."""
   TRACES['train_step'] += 1
   a = recipe.augment
   x = data.augment(_key(state, _AUGMENT), data.to_float(batch['image']), crop_padding=a.crop_padding,
                    flip=a.flip, cutout=a.cutout, cutout_fill=a.fill)
-  y = batch['label']
   p = hparams['drop_path_prob']
   adv = recipe.adversary
-  x_adv = _attack(recipe, state, x, y, p) if adv is not None else None
   pgd_only = adv is not None and adv.method == 'pgd'   # the loss sees only the adversarial examples
 
-  def forward(params, batch_stats, images, stream):
-    return recipe.net.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
-                            rng=_key(state, stream), drop_path_prob=p)
-
-  def loss_fn(params):
-    logits, logits_aux, stats = forward(params, state.batch_stats, x_adv if pgd_only else x, _DROP_PATH)
+  def loss_fn(params, batch_stats, micro, index):
+    keys = lambda stream: bilevel.micro_key(_key(state, stream), index)
+    x, y = micro['image'], micro['label']
+    forward = lambda stats, images, stream: recipe.net.apply(
+        {'params': params, 'batch_stats': stats}, images, train=True, rng=keys(stream), drop_path_prob=p)
+    x_adv = None
+    if adv is not None:  # against the current weights, not differentiated
+      x_adv = _attack(recipe, jax.lax.stop_gradient({'params': params, 'batch_stats': batch_stats}), keys, x, y, p)
+    logits, logits_aux, stats = forward(batch_stats, x_adv if pgd_only else x, _DROP_PATH)
     loss = _ce(logits, y)
     if logits_aux is not None:
       loss += recipe.auxiliary_weight * _ce(logits_aux, y)
     if adv is not None and adv.method == 'trades':
-      logits_adv, _, stats = forward(params, stats, x_adv, _DROP_PATH_ADV)
+      logits_adv, _, stats = forward(stats, x_adv, _DROP_PATH_ADV)
       loss += adv.trades_beta * jnp.mean(_kl(jax.nn.softmax(logits), logits_adv))
-    return loss, (logits, stats)
+    return loss, (stats, {'acc': jnp.mean(jnp.argmax(logits, -1) == y)})
 
-  (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  loss, stats, micro_metrics, grads = bilevel.accumulate_gradients(
+      loss_fn, state.params, state.batch_stats, {'image': x, 'label': batch['label']}, recipe.grad_accum_steps)
   updates, opt_state = bilevel.weight_optimizer(recipe.optim, hparams['lr']).update(grads, state.opt_state,
                                                                                      state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {'train/loss': loss, 'train/acc': jnp.mean(jnp.argmax(logits, -1) == y),
-             'train/grad_norm': optax.tree.norm(grads),
+  metrics = {'train/loss': loss, 'train/acc': micro_metrics['acc'], 'train/grad_norm': optax.tree.norm(grads),
              'train/weights_finite': jnp.all(jnp.stack([jnp.all(jnp.isfinite(w)) for w in jax.tree.leaves(params)]))}
   return state.replace(params=params, batch_stats=stats, opt_state=opt_state, step=state.step + 1), metrics
 
@@ -359,7 +367,7 @@ def _train(config, workdir: str, console: workdir_lib.Console):
   mesh = parallel.make_mesh(config.parallel.num_devices or None)
   per_device = config.parallel.per_device_batch_size
   batch_size = per_device * mesh.devices.size if per_device else t.batch_size
-  parallel.check_batch_size(batch_size, mesh)
+  parallel.check_batch_size(batch_size, mesh, recipe.grad_accum_steps)
   steps_per_epoch = data.num_batches(len(train.labels), batch_size)
   total_steps = t.epochs * steps_per_epoch
   train_seed, monitor_seed = (int(s) for s in np.random.SeedSequence(config.seed).generate_state(2))
