@@ -59,7 +59,8 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_eight_devices_match_one():
-  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8", JAX_PLATFORMS='cpu')
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-c', SCRIPT], capture_output=True, text=True, env=env, timeout=900)
   assert out.returncode == 0 and 'PARALLEL-OK' in out.stdout, out.stderr[-3000:]
 

@@ -64,6 +64,21 @@ def _max_difference(a, b):
                                                                                    jax.tree.leaves(b)))
 
 
+def _check_accumulation(step, accumulated_step, state, batch):
+  """The accumulated step equals the mean of K one-micro-batch steps (``_mean_of_steps``), and the check is not
+  vacuous: the weights moved, and the running statistics depend on the micro-batches' order. Returns the
+  accumulated step's new state."""
+  new, metrics = accumulated_step(state, batch)
+  params, stats, loss = _mean_of_steps(step, state, batch)
+  _assert_trees_close(new.params, params, atol=2e-6)
+  _assert_trees_close(new.batch_stats, stats, atol=1e-6)
+  np.testing.assert_allclose(metrics['train/loss'], loss, rtol=1e-6)
+  assert _max_difference(new.params, state.params) > 1e-2
+  unthreaded, _ = step(state, _slice(batch, 1))
+  assert _max_difference(unthreaded.batch_stats, stats) > 1e-3
+  return new
+
+
 def test_accumulated_weight_step_is_the_mean_of_micro_batch_steps():
   ce = compose.spec_from_config({'name': 'ce', 'label': 'ce', 'weight': 1.0, 'kwargs': {}}, 'test')
   # No convolutions on the edges (quick to compile); the cells' 1x1 preprocessing convs and BN remain.
@@ -76,15 +91,7 @@ def test_accumulated_weight_step_is_the_mean_of_micro_batch_steps():
   hparams = {'w_lr': np.float32(0.5), 'a_lr': np.float32(0.0)}
   step = lambda prog: lambda s, b: bilevel.weight_step(prog, phase, s, b, hparams)
 
-  new, metrics = step(accumulated)(state, batch)
-  params, stats, loss = _mean_of_steps(step(program), state, batch)
-  _assert_trees_close(new.params, params, atol=2e-6)
-  _assert_trees_close(new.batch_stats, stats, atol=1e-6)
-  np.testing.assert_allclose(metrics['train/loss'], loss, rtol=1e-6)
-  # Not vacuous: the weights moved, and the running statistics depend on the micro-batches' order.
-  assert _max_difference(new.params, state.params) > 1e-2
-  unthreaded, _ = step(program)(state, _slice(batch, 1))
-  assert _max_difference(unthreaded.batch_stats, stats) > 1e-3
+  new = _check_accumulation(step(program), step(accumulated), state, batch)
   assert int(new.step) == 1
 
 
@@ -97,14 +104,7 @@ def test_accumulated_train_step_is_the_mean_of_micro_batch_steps():
   hparams = {'lr': np.float32(0.5), 'drop_path_prob': np.float32(0.0)}
   step = lambda r: lambda s, b: train.train_step(r, s, b, hparams)
 
-  new, metrics = step(dataclasses.replace(recipe, grad_accum_steps=K))(state, batch)
-  params, stats, loss = _mean_of_steps(step(recipe), state, batch)
-  _assert_trees_close(new.params, params, atol=2e-6)
-  _assert_trees_close(new.batch_stats, stats, atol=1e-6)
-  np.testing.assert_allclose(metrics['train/loss'], loss, rtol=1e-6)
-  assert _max_difference(new.params, state.params) > 1e-2
-  unthreaded, _ = step(recipe)(state, _slice(batch, 1))
-  assert _max_difference(unthreaded.batch_stats, stats) > 1e-3
+  _check_accumulation(step(recipe), step(dataclasses.replace(recipe, grad_accum_steps=K)), state, batch)
 
 
 def test_batch_that_does_not_split_into_micro_batches_is_refused():
