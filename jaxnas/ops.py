@@ -147,39 +147,60 @@ def _spread(g, k, stride, dilation, padded_hw):
 def _tap_weight_grad(xp, g, k, stride, dilation):
   """dw[i, j, c] = sum_{b, y, x} g[b, y, x, c] * xp[b, i*d + s*y, j*d + s*x, c] (k, k, C).
 
-  Per tap row i, one batched matrix product over (b, y) gives M[c, x, v] = sum g[., ., x, c] xp_i[., ., v, c]
-  for all column pairs; tap (i, j) is the sum of M along the strided diagonal v = j*d + s*x, read as column
-  j*d of M's rows re-cut to length V + s (flat index x*V + s*x + j*d). Matrix units instead of k*k
-  reductions over the whole batch (XLA:CPU's slowest part of a depthwise gradient), and few ops to compile.
+  One variadic reduction with k*k outputs: XLA emits a single loop over g that reads each input window
+  once and keeps k*k accumulators, where k*k separate reductions (or per-row matrix products, which need
+  channel-major copies of g) read g k*k times. Sums in at least float32 (bfloat16 cotangents).
   """
-  out_h, out_w = g.shape[1:3]
-  c, v = g.shape[3], xp.shape[2]
-  accumulate = jnp.promote_types(g.dtype, jnp.float32)  # bfloat16 cotangents: sum over the batch in float32
-  rows = []
-  for i in range(k):
-    x_i = lax.slice_in_dim(xp, i * dilation, i * dilation + (out_h - 1) * stride + 1, stride, axis=1)
-    m = jnp.einsum('byxc,byvc->cxv', g, x_i, preferred_element_type=accumulate).reshape(c, out_w * v)
-    m = jnp.pad(m, ((0, 0), (0, out_w * stride))).reshape(c, out_w, v + stride)
-    rows.append(jnp.sum(m[:, :, :(k - 1) * dilation + 1:dilation], axis=1).T)
-  return jnp.stack(rows).astype(g.dtype)
+  accumulate = jnp.promote_types(g.dtype, jnp.float32)
+  g = g.astype(accumulate)
+  products = tuple(_window(xp, t, stride, g.shape[1:3]).astype(accumulate) * g for t in _taps(k, dilation))
+  zero = np.zeros((), accumulate)
+  sums = lax.reduce(products, (zero,) * len(products),
+                    lambda a, b: tuple(u + v for u, v in zip(a, b)), (0, 1, 2))
+  return jnp.stack(sums).reshape(k, k, -1).astype(xp.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _shift_conv(xp, w, stride, dilation, out_hw):
-  return _window_sum(xp, w, stride, dilation, out_hw)
+def _fusion_barrier(tree, probe):
+  """``tree`` unchanged, computed into its own buffers before its consumers run.
+
+  XLA:CPU otherwise fuses a window op's gradient, or the max-pool's tap indices, into the loops that read
+  them at k*k shifted positions, and recomputes them at every one (several times slower; see
+  benchmarks/RESULTS.md). A conditional is a fusion boundary. Its predicate ``(bits(probe) | 1) != 0`` is
+  always true but depends on the data, so XLA can fold neither it nor the never-taken branch away.
+  """
+  bits = lax.bitcast_convert_type(jnp.asarray(probe, jnp.float32), jnp.int32)
+  return lax.cond((bits | 1) != 0, lambda t: t, lambda t: jax.tree.map(jnp.zeros_like, t), tree)
 
 
-def _shift_conv_fwd(xp, w, stride, dilation, out_hw):
-  return _window_sum(xp, w, stride, dilation, out_hw), (xp, w)
+def _unpad_window(g_spread, padding, hw):
+  """The window of a spread cotangent that maps onto the unpadded input: the adjoint of the padding."""
+  b, c = g_spread.shape[0], g_spread.shape[3]
+  return lax.slice(g_spread, (0, padding, padding, 0), (b, g_spread.shape[1] - padding,
+                                                        g_spread.shape[2] - padding, c))
 
 
-def _shift_conv_bwd(stride, dilation, out_hw, res, g):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _shift_conv(x, w, stride, dilation, padding, out_hw):
+  return _window_sum(_pad(x, padding), w, stride, dilation, out_hw)
+
+
+def _shift_conv_fwd(x, w, stride, dilation, padding, out_hw):
+  return _shift_conv(x, w, stride, dilation, padding, out_hw), (x, w)
+
+
+def _shift_conv_bwd(stride, dilation, padding, out_hw, res, g):
+  """dx: a stride-1 window sum of the spread cotangent with the flipped kernel, over the unpadded input's
+  positions only (no work for the padding); dw: ``_tap_weight_grad``."""
   del out_hw
-  xp, w = res
+  x, w = res
   k = w.shape[0]
-  dxp = _window_sum(_spread(g, k, stride, dilation, xp.shape[1:3]), w[::-1, ::-1], 1, dilation,
-                    xp.shape[1:3])
-  return dxp, _tap_weight_grad(xp, g, k, stride, dilation)
+  g = _fusion_barrier(g, w[0, 0, 0])
+  hw = x.shape[1:3]
+  padded_hw = tuple(n + 2 * padding for n in hw)
+  g_spread = _unpad_window(_spread(g, k, stride, dilation, padded_hw), padding, hw)
+  dx = _fusion_barrier(_window_sum(g_spread, w[::-1, ::-1], 1, dilation, hw), w[0, 0, 0])
+  xp = _fusion_barrier(_pad(x, padding), w[0, 0, 0])
+  return dx, _tap_weight_grad(xp, g, k, stride, dilation)
 
 
 _shift_conv.defvjp(_shift_conv_fwd, _shift_conv_bwd)
@@ -189,13 +210,14 @@ def _window_max(xp, k, stride, out_hw):
   return functools.reduce(jnp.maximum, [_window(xp, t, stride, out_hw) for t in _taps(k, 1)])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _shift_max(xp, k, stride, out_hw):
-  return _window_max(xp, k, stride, out_hw)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _shift_max(x, k, stride, padding, out_hw):
+  return _window_max(_pad(x, padding, -jnp.inf), k, stride, out_hw)
 
 
-def _shift_max_fwd(xp, k, stride, out_hw):
+def _shift_max_fwd(x, k, stride, padding, out_hw):
   """Max and the index of the first maximal tap of each window (PyTorch's tie-breaking)."""
+  xp = _pad(x, padding, -jnp.inf)
   best, arg = None, None
   for t, offset in enumerate(_taps(k, 1)):
     window = _window(xp, offset, stride, out_hw)
@@ -204,19 +226,23 @@ def _shift_max_fwd(xp, k, stride, out_hw):
     else:
       better = window > best
       best, arg = jnp.where(better, window, best), jnp.where(better, jnp.int8(t), arg)
-  return best, (jnp.zeros(xp.shape[1:3], jnp.int8), arg)
+  best, arg = _fusion_barrier((best, arg), x[0, 0, 0, 0])
+  return best, (jnp.zeros(x.shape[1:3], jnp.int8), arg)
 
 
-def _shift_max_bwd(k, stride, out_hw, res, g):
+def _shift_max_bwd(k, stride, padding, out_hw, res, g):
   """Each window's gradient goes to its first maximal input, as in PyTorch's max_pool2d (ties are common in a
   supernet: max-pool plateaus feed later max-pools)."""
   del out_hw
   hw_marker, arg = res
+  g = _fusion_barrier(g, g[0, 0, 0, 0])
   hw = hw_marker.shape
+  padded_hw = tuple(n + 2 * padding for n in hw)
   e = k - 1
-  terms = [_window(_spread(jnp.where(arg == t, g, jnp.zeros_like(g)), k, stride, 1, hw), (e - i, e - j), 1, hw)
+  terms = [_window(_unpad_window(_spread(jnp.where(arg == t, g, jnp.zeros_like(g)), k, stride, 1, padded_hw),
+                                 padding, hw), (e - i, e - j), 1, hw)
            for t, (i, j) in enumerate(_taps(k, 1))]
-  return (functools.reduce(operator.add, terms),)
+  return (_fusion_barrier(functools.reduce(operator.add, terms), g[0, 0, 0, 0]),)
 
 
 _shift_max.defvjp(_shift_max_fwd, _shift_max_bwd)
@@ -236,17 +262,17 @@ def depthwise_conv2d(x, kernel, stride, padding, dilation, depthwise):
                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
                                     feature_group_count=x.shape[-1])
   out_hw = tuple(_out_size(s, k, stride, padding, dilation) for s in x.shape[1:3])
-  conv = _shift_conv if impl == 'shift' else _window_sum
-  return conv(_pad(x, padding), kernel[:, :, 0, :], stride, dilation, out_hw)
+  if impl == 'shift':
+    return _shift_conv(x, kernel[:, :, 0, :], stride, dilation, padding, out_hw)
+  return _window_sum(_pad(x, padding), kernel[:, :, 0, :], stride, dilation, out_hw)
 
 
 def max_pool(x, k, stride, padding, depthwise='autodiff'):
   """MaxPool2d with -inf padding, as a max over k*k shifted slices."""
   out_hw = tuple(_out_size(s, k, stride, padding) for s in x.shape[1:3])
-  xp = _pad(x, padding, -jnp.inf)
   if resolve_depthwise(depthwise) == 'shift':
-    return _shift_max(xp, k, stride, out_hw)
-  return _window_max(xp, k, stride, out_hw)
+    return _shift_max(x, k, stride, padding, out_hw)
+  return _window_max(_pad(x, padding, -jnp.inf), k, stride, out_hw)
 
 
 @functools.lru_cache(maxsize=None)
@@ -262,8 +288,10 @@ def avg_pool(x, k, stride, padding, depthwise='autodiff'):
   """AvgPool2d with ``count_include_pad=False``."""
   out_hw = tuple(_out_size(s, k, stride, padding) for s in x.shape[1:3])
   ones = jnp.ones((k, k, x.shape[-1]), x.dtype)
-  conv = _shift_conv if resolve_depthwise(depthwise) == 'shift' else _window_sum
-  total = conv(_pad(x, padding), ones, stride, 1, out_hw)
+  if resolve_depthwise(depthwise) == 'shift':
+    total = _shift_conv(x, ones, stride, 1, padding, out_hw)
+  else:
+    total = _window_sum(_pad(x, padding), ones, stride, 1, out_hw)
   counts = _valid_counts(x.shape[1], x.shape[2], k, stride, padding)
   return total / jnp.asarray(counts, x.dtype)
 

@@ -5,8 +5,9 @@ The architecture parameters (alphas) are a separate pytree ``{cell_type: (n_edge
 gradients.
 
 Speed: a cell's edge weights are stacked, and its edges run as one ``lax.scan`` in node-major order over a
-buffer of states, so the compiled program holds one mixed-op body per cell (two in a reduction cell, whose
-stride-2 edges are ``vmap``ped); identical cells run under ``lax.scan`` too (see ``cells``).
+buffer of states, so the compiled program holds one mixed-op body per cell (two in a reduction cell: its
+stride-2 edges form a second scan); identical cells run under ``lax.scan`` too (see ``cells``). The mixed op
+is traced once per distinct shape and rematerialised in the backward pass.
 """
 from __future__ import annotations
 
@@ -78,6 +79,14 @@ def mixed_op(primitives, params, stats, x, weights, stride, train, depthwise):
   return out, new_stats
 
 
+@functools.partial(jax.jit, static_argnames=('primitives', 'stride', 'train', 'depthwise'))
+def _traced_mixed_op(params, stats, x, weights, *, primitives, stride, train, depthwise):
+  """``mixed_op`` under ``jax.jit``: cells whose edges have equal shapes (the normal cells of a stage, and
+  a reduction cell's stride-1 edges with the next stage's) share one traced and differentiated copy, which
+  shortens tracing of a supernet. XLA inlines it; the compiled program is unchanged."""
+  return mixed_op(primitives, params, stats, x, weights, stride, train, depthwise)
+
+
 def _mixed_op_init(primitives, rng, C, stride):
   params, stats = {}, {}
   for name in primitives:
@@ -101,12 +110,43 @@ def search_cell_init(rng, spec: cells.CellSpec, primitives, steps):
   return params, stats
 
 
-def _scan_edges(run, params, stats, weights, buffer, sources, targets):
-  """Runs edges in node-major order under ``lax.scan``: buffer[t] += mixed_op(buffer[s]). Node-major order
-  guarantees every state an edge reads is complete; one mixed-op body is compiled for all the edges."""
+@jax.custom_vjp
+def _read_state(buffer, index):
+  """``buffer[index]`` (``0 <= index < len(buffer)``), with a gradient that XLA:CPU computes fast.
+
+  The gradient of the read is the edge's whole input gradient (every primitive's backward window sums),
+  added into the buffer's cotangent by an in-place dynamic-update-slice. XLA:CPU fuses the computation into
+  that update and runs it far slower than as ordinary loops (70-85 ms per edge, a third of a first-stage
+  cell's step at batch 32). A conditional is a fusion boundary, so the gradient is computed first.
+  """
+  return buffer[index]
+
+
+def _read_state_fwd(buffer, index):
+  return buffer[index], (jnp.zeros(buffer.shape[:1] + (0,), buffer.dtype), index)
+
+
+def _read_state_bwd(res, g):
+  marker, index = res
+  g = jax.lax.cond(index >= 0, lambda g: g, jnp.zeros_like, g)  # always the first branch: only a boundary
+  return jnp.zeros(marker.shape[:1] + g.shape, g.dtype).at[index].set(g), None
+
+
+_read_state.defvjp(_read_state_fwd, _read_state_bwd)
+
+
+def _scan_edges(run, params, stats, weights, buffer, sources, targets, read, inputs=None):
+  """Runs edges in order under ``lax.scan``: buffer[t] += mixed_op(states[s]), with ``states`` the buffer
+  itself (node-major order guarantees every state an edge reads is complete) or the fixed ``inputs``. One
+  mixed-op body is compiled for all the edges. ``read(states, index)`` reads a state (``_read_state`` for the
+  reverse-mode-only 'shift' formulation).
+
+  The mixed op is rematerialised in the backward pass (``jax.checkpoint``): the scan then stores only each
+  edge's input, where stacking every primitive's intermediate values per edge cost more than recomputing
+  the forward pass (about 10% of a cell's step at batch 32 on XLA:CPU), and uses far less memory."""
   def body(buf, xs):
     p, s, w, src, dst = xs
-    y, new_s = run(p, s, buf[src], w)
+    y, new_s = jax.checkpoint(run)(p, s, read(buf if inputs is None else inputs, src), w)
     return buf.at[dst].add(y), new_s
   xs = (params, stats, weights, jnp.asarray(sources), jnp.asarray(targets))
   return jax.lax.scan(body, buffer, xs)
@@ -117,24 +157,28 @@ def search_cell(spec: cells.CellSpec, params, stats, s0, s1, weights, *, primiti
   """A DARTS search cell: node i = sum of mixed ops over all earlier states (DARTS Eq. 1)."""
   s0, s1, new_stats = cells.preprocess(spec, params, stats, s0, s1, train)
   edges = genotypes.edge_index(steps)
-  run = lambda stride: functools.partial(mixed_op, primitives, stride=stride, train=train,
-                                         depthwise=depthwise)
+  run = lambda stride: functools.partial(_traced_mixed_op, primitives=tuple(primitives), stride=stride,
+                                         train=train, depthwise=depthwise)
+  read = _read_state if ops.resolve_depthwise(depthwise) == 'shift' else lambda buf, index: buf[index]
   if spec.reduction:
-    # The 8 stride-2 edges read the cell inputs: one vmapped mixed op; then the 6 stride-1 edges between
-    # intermediate nodes run as a scan over a buffer of the nodes.
-    first = np.array([e for e, (_, j) in enumerate(edges) if j < 2])
+    # The 8 stride-2 edges read the cell inputs and add into the nodes; then the 6 stride-1 edges between
+    # intermediate nodes: two scans, so two mixed-op bodies (a vmap over the stride-2 edges made the first
+    # reduction cell's step 4x slower on XLA:CPU at batch 32).
+    first = [(e, i, j) for e, (i, j) in enumerate(edges) if j < 2]
     rest = [(e, i, j) for e, (i, j) in enumerate(edges) if j >= 2]
-    y0, st0 = jax.vmap(lambda p, s, x, w: run(2)(p, s, x, w))(
-        params['edges'][0], stats['edges'][0], jnp.stack([s0, s1] * steps), weights[first])
-    nodes = y0.reshape((steps, 2) + y0.shape[1:]).sum(axis=1)
+    half = (s1.shape[0], (s1.shape[1] + 1) // 2, (s1.shape[2] + 1) // 2, s1.shape[3])
+    nodes, st0 = _scan_edges(run(2), params['edges'][0], stats['edges'][0],
+                             weights[np.array([e for e, _, _ in first])], jnp.zeros((steps,) + half, s1.dtype),
+                             [j for _, _, j in first], [i for _, i, _ in first], read,
+                             inputs=jnp.stack([s0, s1]))
     nodes, st1 = _scan_edges(run(1), params['edges'][1], stats['edges'][1],
                              weights[np.array([e for e, _, _ in rest])], nodes,
-                             [j - 2 for _, _, j in rest], [i for _, i, _ in rest])
+                             [j - 2 for _, _, j in rest], [i for _, i, _ in rest], read)
     new_stats['edges'] = [st0, st1]
   else:
     buffer = jnp.concatenate([jnp.stack([s0, s1]), jnp.zeros((steps,) + s1.shape, s1.dtype)])
     buffer, new_stats['edges'] = _scan_edges(run(1), params['edges'], stats['edges'], weights, buffer,
-                                             [j for _, j in edges], [i + 2 for i, _ in edges])
+                                             [j for _, j in edges], [i + 2 for i, _ in edges], read)
     nodes = buffer[2:]
   return jnp.concatenate(list(nodes[steps - multiplier:]), axis=-1), new_stats
 
