@@ -162,7 +162,7 @@ def _tap_weight_grad(xp, g, k, stride, dilation):
   return jnp.stack(per_image).sum(axis=1).reshape(k, k, -1).astype(xp.dtype)
 
 
-def _fusion_barrier(tree, probe):
+def fusion_barrier(tree, probe):
   """``tree`` unchanged, computed into its own buffers before its consumers run.
 
   XLA:CPU otherwise fuses a window op's gradient, or the max-pool's tap indices, into the loops that read
@@ -196,12 +196,12 @@ def _shift_conv_bwd(stride, dilation, padding, out_hw, res, g):
   del out_hw
   x, w = res
   k = w.shape[0]
-  g = _fusion_barrier(g, w[0, 0, 0])
+  g = fusion_barrier(g, w[0, 0, 0])
   hw = x.shape[1:3]
   padded_hw = tuple(n + 2 * padding for n in hw)
   g_spread = _unpad_window(_spread(g, k, stride, dilation, padded_hw), padding, hw)
-  dx = _fusion_barrier(_window_sum(g_spread, w[::-1, ::-1], 1, dilation, hw), w[0, 0, 0])
-  xp = _fusion_barrier(_pad(x, padding), w[0, 0, 0])
+  dx = fusion_barrier(_window_sum(g_spread, w[::-1, ::-1], 1, dilation, hw), w[0, 0, 0])
+  xp = fusion_barrier(_pad(x, padding), w[0, 0, 0])
   return dx, _tap_weight_grad(xp, g, k, stride, dilation)
 
 
@@ -228,7 +228,7 @@ def _shift_max_fwd(x, k, stride, padding, out_hw):
     else:
       better = window > best
       best, arg = jnp.where(better, window, best), jnp.where(better, jnp.int8(t), arg)
-  best, arg = _fusion_barrier((best, arg), x[0, 0, 0, 0])
+  best, arg = fusion_barrier((best, arg), x[0, 0, 0, 0])
   return best, (jnp.zeros(x.shape[1:3], jnp.int8), arg)
 
 
@@ -237,14 +237,14 @@ def _shift_max_bwd(k, stride, padding, out_hw, res, g):
   supernet: max-pool plateaus feed later max-pools)."""
   del out_hw
   hw_marker, arg = res
-  g = _fusion_barrier(g, g[0, 0, 0, 0])
+  g = fusion_barrier(g, g[0, 0, 0, 0])
   hw = hw_marker.shape
   padded_hw = tuple(n + 2 * padding for n in hw)
   e = k - 1
   terms = [_window(_unpad_window(_spread(jnp.where(arg == t, g, jnp.zeros_like(g)), k, stride, 1, padded_hw),
                                  padding, hw), (e - i, e - j), 1, hw)
            for t, (i, j) in enumerate(_taps(k, 1))]
-  return (_fusion_barrier(functools.reduce(operator.add, terms), g[0, 0, 0, 0]),)
+  return (fusion_barrier(functools.reduce(operator.add, terms), g[0, 0, 0, 0]),)
 
 
 _shift_max.defvjp(_shift_max_fwd, _shift_max_bwd)

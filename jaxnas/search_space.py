@@ -117,7 +117,7 @@ def _read_state(buffer, index):
   The gradient of the read is the edge's whole input gradient (every primitive's backward window sums),
   added into the buffer's cotangent by an in-place dynamic-update-slice. XLA:CPU fuses the computation into
   that update and runs it far slower than as ordinary loops (70-85 ms per edge, a third of a first-stage
-  cell's step at batch 32). A conditional is a fusion boundary, so the gradient is computed first.
+  cell's step at batch 32), so the gradient passes ``ops.fusion_barrier`` first.
   """
   return buffer[index]
 
@@ -128,7 +128,7 @@ def _read_state_fwd(buffer, index):
 
 def _read_state_bwd(res, g):
   marker, index = res
-  g = jax.lax.cond(index >= 0, lambda g: g, jnp.zeros_like, g)  # always the first branch: only a boundary
+  g = ops.fusion_barrier(g, g[(0,) * g.ndim])
   return jnp.zeros(marker.shape[:1] + g.shape, g.dtype).at[index].set(g), None
 
 
