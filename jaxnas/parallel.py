@@ -23,9 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from orbax.checkpoint import multihost as ocp_multihost
 
 DATA_AXIS = 'data'
 COMPUTE_DTYPES = ('float32', 'bfloat16')
+BARRIER_TIMEOUT_S = 3600  # the slowest process's compile of a step
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -46,6 +48,31 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                                process_id=process_id)
   else:
     jax.distributed.initialize()
+
+
+def synchronized_steps(num_static: int):
+  """Wraps a jitted step (its first ``num_static`` arguments static) for the training loops.
+
+  On one process this is the step itself. With several processes, every new combination of static
+  arguments is compiled ahead of time and the processes meet at a barrier of the coordination service before
+  its first run: they then enter the step's first collective together. Without it, a process that compiles
+  30 s longer than another (a loaded host) makes the CPU collectives' rendezvous give up (Gloo's fixed 30 s).
+  """
+  compiled = {}
+
+  def run(step, *args):
+    if jax.process_count() == 1:
+      return step(*args)
+    static, dynamic = args[:num_static], args[num_static:]
+    key = (step, static)
+    if key not in compiled:
+      compiled[key] = step.lower(*args).compile()
+      # Naming the processes selects the coordination service's barrier (not a collective with Gloo's deadline).
+      ocp_multihost.sync_global_processes(f'jaxnas_compiled_{len(compiled)}_{step.__name__}',
+                                          timeout=BARRIER_TIMEOUT_S, processes=set(range(jax.process_count())))
+    return compiled[key](*dynamic)
+
+  return run
 
 
 def _int_env(name):

@@ -304,6 +304,7 @@ def _search(config, workdir: str, console: workdir_lib.Console):
   ood_stream = (_cycle(ood.train_images, ood.train_labels, batch_size, ood_seed, step)
                 if ood is not None else None)
   train_stream = None
+  run_step = parallel.synchronized_steps(num_static=2)
   epoch_values, window_values = collections.defaultdict(list), collections.defaultdict(list)
   try:
     while step < total_steps:
@@ -329,9 +330,9 @@ def _search(config, workdir: str, console: workdir_lib.Console):
 
       new_state, metrics = state, {}
       if phase.arch:
-        new_state, metrics = bilevel.arch_step(program, phase, new_state, train_batch, val_batch, hparams)
-      new_state, weight_metrics = bilevel.weight_step(program.lower_level, phase.weights_only, new_state,
-                                                      train_batch, hparams)
+        new_state, metrics = run_step(bilevel.arch_step, program, phase, new_state, train_batch, val_batch, hparams)
+      new_state, weight_metrics = run_step(bilevel.weight_step, program.lower_level, phase.weights_only, new_state,
+                                           train_batch, hparams)
       metrics = {**jax.device_get(metrics), **jax.device_get(weight_metrics)}
       metrics.update({'train/lr': hparams['w_lr'], 'arch/lr': hparams['a_lr']})
       check_finite(metrics, step, epoch, phase, last_checkpoint)

@@ -420,6 +420,7 @@ def _train(config, workdir: str, console: workdir_lib.Console):
   # ----------------------------------------------------------------------------
   nan_phase = schedules.Phase(lower=('loss',), upper=(), arch=False, project=False)
   stream, window = None, collections.defaultdict(list)
+  run_step = parallel.synchronized_steps(num_static=1)
   try:
     while step < total_steps:
       if t.max_steps and step >= t.max_steps:
@@ -436,7 +437,7 @@ def _train(config, workdir: str, console: workdir_lib.Console):
                  'drop_path_prob': np.float32(t.drop_path_prob * epoch / t.epochs)}
       b = next(stream)
       batch = parallel.global_batch({'image': b.images, 'label': b.labels}, mesh)
-      new_state, metrics = train_step(recipe, state, batch, hparams)
+      new_state, metrics = run_step(train_step, recipe, state, batch, hparams)
       metrics = dict(jax.device_get(metrics), **{'train/lr': hparams['lr']})
       search.check_finite(metrics, step, epoch, nan_phase, last_checkpoint,
                           fix='lower config.train.lr or check the data')

@@ -35,8 +35,8 @@ def _env(devices: int = 1, **extra) -> dict:
   return env
 
 
-def _start(workdir, *args, env, base=TINY):
-  return subprocess.Popen([sys.executable, '-m', 'jaxnas.main', *base, *args, f'--workdir={workdir}'],
+def _start(workdir, *args, env, base=TINY, launcher=('-m', 'jaxnas.main')):
+  return subprocess.Popen([sys.executable, *launcher, *base, *args, f'--workdir={workdir}'],
                           cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -95,11 +95,28 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path, single_device):
+# Process 1 runs the entry point with its first XLA compilation delayed: a host that compiles the step 40 s
+# later than the other. CPU collectives give up after 30 s, so this passes only because the loops compile
+# every step ahead and meet at a barrier before its first run (``parallel.synchronized_steps``).
+SLOW_COMPILE = """
+import runpy, time
+from jax._src.interpreters import pxla
+compile_, delayed = pxla.MeshComputation.compile, []
+def slow_compile(self, *args, **kwargs):
+  if not delayed:
+    delayed.append(time.sleep(40))
+  return compile_(self, *args, **kwargs)
+pxla.MeshComputation.compile = slow_compile
+runpy.run_module('jaxnas.main', run_name='__main__', alter_sys=True)
+"""
+
+
+def test_two_processes_match_one_with_a_slow_host(tmp_path, single_device):
   workdir = tmp_path / 'two_processes'
   address = f'127.0.0.1:{_free_port()}'
   processes = [_start(workdir, '--config.parallel.distributed=True',
-                      env=_env(1, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(k)))
+                      env=_env(1, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(k)),
+                      launcher=['-c', SLOW_COMPILE] if k else ['-m', 'jaxnas.main'])
                for k in range(2)]
   outputs = [_finish(p) for p in processes]
   assert '2 of 2 cpu device(s) in 2 process(es)' in outputs[0]
