@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 
 import jax
 
+from jaxnas import parallel
+
 # Dense peak FLOP/s per device kind for the 'fraction of peak' figure (vendor data sheets, SXM parts):
 # float32 work runs on TF32 tensor cores under XLA's default matmul precision on these GPUs.
 PEAK_FLOPS = {
@@ -93,6 +95,7 @@ def _median_time(call: Callable[[], object], repeats: int, warmup: int) -> tuple
 def time_jax(fn: Callable, args: Sequence, repeats: int, warmup: int, dtype: str = 'float32') -> dict:
   """Compile ``jax.jit(fn)`` ahead of time on ``args`` and time its steady-state execution.
 
+  Compiled with the XLA options of the training loops' steps (``parallel.compiler_options``).
   ``compile_s`` = trace/lower + XLA compile; ``step_s`` = median wall time of the compiled call.
   Returns also the compiled function's outputs (``'outputs'``) and XLA's FLOP count.
   """
@@ -101,7 +104,7 @@ def time_jax(fn: Callable, args: Sequence, repeats: int, warmup: int, dtype: str
   lowered = jitted.lower(*args)
   t1 = time.perf_counter()
   log(f'lowered in {t1 - t0:.1f} s; compiling')
-  compiled = lowered.compile()
+  compiled = lowered.compile(parallel.compiler_options())
   t2 = time.perf_counter()
   log(f'compiled in {t2 - t1:.1f} s; timing {warmup} + {repeats} steps')
   outputs = block(compiled(*args))

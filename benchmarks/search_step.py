@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from jaxnas import bilevel, data, schedules, search
+from jaxnas import bilevel, data, parallel, schedules, search
 
 COLUMNS = ('config', 'cells', 'batch', 'C', 'compile_s', 'step_s', 'examples_per_s', 'torch_step_s', 'ratio',
            'retraces')
@@ -114,10 +114,11 @@ def run(args, cells, torch) -> dict:
   model = search.make_model(config.model, dataset)
   program = search.make_program(config, model, dataset)
   state = bilevel.init_state(program, jax.random.key(0), dataset.train_images[:args.batch])
-  # Fresh jits of the steps' Python functions that may trace only once: a recompilation across steps or
-  # epochs (new learning rates, epoch numbers, data) raises.
-  arch_fn = jax.jit(chex.assert_max_traces(bilevel.arch_step.__wrapped__, n=1), static_argnums=(0, 1))
-  weight_fn = jax.jit(chex.assert_max_traces(bilevel.weight_step.__wrapped__, n=1), static_argnums=(0, 1))
+  # The loops' step runner on the steps' Python functions, which may trace only once: a recompilation across
+  # steps or epochs (new learning rates, epoch numbers, data) raises.
+  run_step = parallel.step_runner(num_static=2)
+  arch_fn = chex.assert_max_traces(bilevel.arch_step.__wrapped__, n=1)
+  weight_fn = chex.assert_max_traces(bilevel.weight_step.__wrapped__, n=1)
 
   def batch_at(i, epoch):
     lo = (i % 2) * args.batch
@@ -133,8 +134,8 @@ def run(args, cells, torch) -> dict:
       t = epoch * steps_per_epoch + k
       hparams = {'w_lr': np.float32(0.025 / (1 + t)), 'a_lr': np.float32(3e-4)}
       start = time.perf_counter()
-      state, _ = arch_fn(program, phase, state, batch_at(t, epoch), batch_at(t + 1, epoch), hparams)
-      state, metrics = weight_fn(program, phase, state, batch_at(t, epoch), hparams)
+      state, _ = run_step(arch_fn, program, phase, state, batch_at(t, epoch), batch_at(t + 1, epoch), hparams)
+      state, metrics = run_step(weight_fn, program, phase, state, batch_at(t, epoch), hparams)
       common.block(metrics)
       times.append(time.perf_counter() - start)
       common.log(f'step {t}: {times[-1]:.2f} s')

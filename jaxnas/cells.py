@@ -4,9 +4,10 @@ Both follow DARTS' ``Network``/``NetworkCIFAR``: a 3x3 stem conv + BN, ``layers`
 ``layers // 3`` and ``2 * layers // 3``, global average pooling and a linear classifier. A cell reads the
 outputs of the two previous cells (``s0``, ``s1``).
 
-Speed: runs of consecutive cells with identical shapes and cell type are executed with ``lax.scan`` over
-their stacked weights, so the compiled program holds one copy of each distinct cell, and compile time stays
-flat in the number of cells (8 and 20 cells compile to the same number of distinct cell bodies + scans).
+Speed: ``run_cells`` (evaluation networks) executes runs of consecutive cells with identical shapes and cell
+type with ``lax.scan`` over their stacked weights, so the compiled program holds one copy of each distinct
+cell, and compile time stays flat in the number of cells. The supernet scans whole stages
+(``search_space.search_stage``).
 """
 from __future__ import annotations
 

@@ -50,27 +50,38 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize()
 
 
-def synchronized_steps(num_static: int):
-  """Wraps a jitted step (its first ``num_static`` arguments static) for the training loops.
+def compiler_options() -> dict | None:
+  """XLA options of the training loops' steps on the current backend.
 
-  On one process this is the step itself. With several processes, every new combination of static
-  arguments is compiled ahead of time and the processes meet at a barrier of the coordination service before
-  its first run: they then enter the step's first collective together. Without it, a process that compiles
-  30 s longer than another (a loaded host) makes the CPU collectives' rendezvous give up (Gloo's fixed 30 s).
+  XLA:CPU: LLVM at optimisation level 1 instead of 2; the DARTS supernet step compiles ~25% faster at the
+  same step time (benchmarks/RESULTS.md). Other backends: XLA's defaults.
   """
-  compiled = {}
+  return {'xla_backend_optimization_level': 1} if jax.default_backend() == 'cpu' else None
+
+
+def step_runner(num_static: int):
+  """``run(step, *args)`` runs a training loop's step (its first ``num_static`` arguments static) jitted
+  with ``compiler_options()``.
+
+  With several processes, every new combination of static arguments is compiled ahead of time and the
+  processes meet at a barrier of the coordination service before its first run: they then enter the step's
+  first collective together. Without it, a process that compiles 30 s longer than another (a loaded host)
+  makes the CPU collectives' rendezvous give up (Gloo's fixed 30 s).
+  """
+  jitted, compiled = {}, {}
 
   def run(step, *args):
+    if step not in jitted:
+      jitted[step] = jax.jit(step, static_argnums=tuple(range(num_static)), compiler_options=compiler_options())
     if jax.process_count() == 1:
-      return step(*args)
-    static, dynamic = args[:num_static], args[num_static:]
-    key = (step, static)
+      return jitted[step](*args)
+    key = (step, args[:num_static])
     if key not in compiled:
-      compiled[key] = step.lower(*args).compile()
+      compiled[key] = jitted[step].lower(*args).compile()
       # Naming the processes selects the coordination service's barrier (not a collective with Gloo's deadline).
       ocp_multihost.sync_global_processes(f'jaxnas_compiled_{len(compiled)}_{step.__name__}',
                                           timeout=BARRIER_TIMEOUT_S, processes=set(range(jax.process_count())))
-    return compiled[key](*dynamic)
+    return compiled[key](*args[num_static:])
 
   return run
 

@@ -304,7 +304,7 @@ def _search(config, workdir: str, console: workdir_lib.Console):
   ood_stream = (_cycle(ood.train_images, ood.train_labels, batch_size, ood_seed, step)
                 if ood is not None else None)
   train_stream = None
-  run_step = parallel.synchronized_steps(num_static=2)
+  run_step = parallel.step_runner(num_static=2)
   epoch_values, window_values = collections.defaultdict(list), collections.defaultdict(list)
   try:
     while step < total_steps:

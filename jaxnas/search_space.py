@@ -6,8 +6,9 @@ gradients.
 
 Speed: a cell's edge weights are stacked, and its edges run as one ``lax.scan`` in node-major order over a
 buffer of states, so the compiled program holds one mixed-op body per cell (two in a reduction cell: its
-stride-2 edges form a second scan); identical cells run under ``lax.scan`` too (see ``cells``). The mixed op
-is traced once per distinct shape and rematerialised in the backward pass.
+stride-2 edges form a second scan); a stage's normal cells run under one ``lax.scan`` (``search_stage``), so
+the program holds the same 5 cell bodies at any depth. The mixed op is traced once per distinct shape and
+rematerialised in the backward pass.
 """
 from __future__ import annotations
 
@@ -152,35 +153,108 @@ def _scan_edges(run, params, stats, weights, buffer, sources, targets, read, inp
   return jax.lax.scan(body, buffer, xs)
 
 
-def search_cell(spec: cells.CellSpec, params, stats, s0, s1, weights, *, primitives, steps, multiplier,
-                train, depthwise):
-  """A DARTS search cell: node i = sum of mixed ops over all earlier states (DARTS Eq. 1)."""
-  s0, s1, new_stats = cells.preprocess(spec, params, stats, s0, s1, train)
+def search_cell(spec: cells.CellSpec, params, stats, s0, s1, weights, **options):
+  """A DARTS search cell: preprocessing of the two inputs, then ``cell_edges``."""
+  s0, s1, new_stats = cells.preprocess(spec, params, stats, s0, s1, options['train'])
+  out, new_stats['edges'] = cell_edges(spec.reduction, params['edges'], stats['edges'], s0, s1, weights, **options)
+  return out, new_stats
+
+
+def cell_edges(reduction: bool, params, stats, s0, s1, weights, *, primitives, steps, multiplier, train,
+               depthwise):
+  """Node i = sum of mixed ops over all earlier states (DARTS Eq. 1); the cell output concatenates the last
+  ``multiplier`` nodes. ``s0``, ``s1``: the preprocessed inputs."""
   edges = genotypes.edge_index(steps)
   run = lambda stride: functools.partial(_traced_mixed_op, primitives=tuple(primitives), stride=stride,
                                          train=train, depthwise=depthwise)
   read = _read_state if ops.resolve_depthwise(depthwise) == 'shift' else lambda buf, index: buf[index]
-  if spec.reduction:
+  if reduction:
     # The 8 stride-2 edges read the cell inputs and add into the nodes; then the 6 stride-1 edges between
     # intermediate nodes: two scans, so two mixed-op bodies (a vmap over the stride-2 edges made the first
     # reduction cell's step 4x slower on XLA:CPU at batch 32).
     first = [(e, i, j) for e, (i, j) in enumerate(edges) if j < 2]
     rest = [(e, i, j) for e, (i, j) in enumerate(edges) if j >= 2]
     half = (s1.shape[0], (s1.shape[1] + 1) // 2, (s1.shape[2] + 1) // 2, s1.shape[3])
-    nodes, st0 = _scan_edges(run(2), params['edges'][0], stats['edges'][0],
-                             weights[np.array([e for e, _, _ in first])], jnp.zeros((steps,) + half, s1.dtype),
-                             [j for _, _, j in first], [i for _, i, _ in first], read,
-                             inputs=jnp.stack([s0, s1]))
-    nodes, st1 = _scan_edges(run(1), params['edges'][1], stats['edges'][1],
-                             weights[np.array([e for e, _, _ in rest])], nodes,
+    nodes, st0 = _scan_edges(run(2), params[0], stats[0], weights[np.array([e for e, _, _ in first])],
+                             jnp.zeros((steps,) + half, s1.dtype), [j for _, _, j in first],
+                             [i for _, i, _ in first], read, inputs=jnp.stack([s0, s1]))
+    nodes, st1 = _scan_edges(run(1), params[1], stats[1], weights[np.array([e for e, _, _ in rest])], nodes,
                              [j - 2 for _, _, j in rest], [i for _, i, _ in rest], read)
-    new_stats['edges'] = [st0, st1]
+    new_stats = [st0, st1]
   else:
     buffer = jnp.concatenate([jnp.stack([s0, s1]), jnp.zeros((steps,) + s1.shape, s1.dtype)])
-    buffer, new_stats['edges'] = _scan_edges(run(1), params['edges'], stats['edges'], weights, buffer,
-                                             [j for _, j in edges], [i + 2 for i, _ in edges], read)
+    buffer, new_stats = _scan_edges(run(1), params, stats, weights, buffer, [j for _, j in edges],
+                                    [i + 2 for i, _ in edges], read)
     nodes = buffer[2:]
   return jnp.concatenate(list(nodes[steps - multiplier:]), axis=-1), new_stats
+
+
+def _stages(plan: Sequence[cells.CellSpec]) -> list[list[int]]:
+  """Cell indices in runs: each stage's consecutive normal cells, and every reduction cell alone."""
+  runs: list[list[int]] = []
+  for spec in plan:
+    if runs and not spec.reduction and not plan[runs[-1][-1]].reduction:
+      runs[-1].append(spec.index)
+    else:
+      runs.append([spec.index])
+  return runs
+
+
+def _pad_inputs(rcb_params, width):
+  """A ReLUConvBN's 1x1 kernel with zero input channels appended up to ``width``."""
+  kernel = rcb_params['conv']['kernel']
+  pad = [(0, 0)] * (kernel.ndim - 2) + [(0, width - kernel.shape[-2]), (0, 0)]
+  return {**rcb_params, 'conv': {'kernel': jnp.pad(kernel, pad)}}
+
+
+def _pad_channels(x, width):
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+
+
+def search_stage(specs, params, stats, s0, s1, weights, *, remat, collect, **options):
+  """A stage's normal cells under one ``lax.scan``, so the compiled program holds one normal-cell body per
+  stage whatever the depth.
+
+  The cells differ only in how their inputs are preprocessed: the first cell's ``s0`` may come from before
+  the reduction (FactorizedReduce) and the first cells of the network read the stem (3C channels, not 4C).
+  So iteration k carries ``(preprocess0_k(state_{k-2}), state_{k-1})`` and computes, besides cell k, the
+  next cell's ``preprocess0`` of ``state_{k-1}``; the first cell's ``preprocess0`` runs before the scan,
+  and narrower states (the stem's 3C channels, or cells' outputs when ``multiplier`` < ``stem_multiplier``)
+  and their 1x1 kernels are zero-padded to one width (exactly the same sums). The last
+  iteration's look-ahead reuses that cell's ``preprocess1`` and is discarded.
+
+  Returns ``(s0, s1, new_stats, outputs)`` with the states the next cell reads and the cells' outputs
+  (``collect``) in order.
+  """
+  n, train = len(specs), options['train']
+  width = max([options['multiplier'] * specs[0].c] + [spec.c_prev for spec in specs]
+              + [spec.c_prev_prev for spec in specs[1:]])  # of every state a cell of the stage reads
+  q, st_first = (ops.factorized_reduce if specs[0].reduction_prev else ops.relu_conv_bn)(
+      params[0]['preprocess0'], stats[0]['preprocess0'], s0, train)
+  look_ahead = [k + 1 if k + 1 < n else k for k in range(n)]
+  look_key = ['preprocess0' if k + 1 < n else 'preprocess1' for k in range(n)]
+  xs = (cells.stack_trees([_pad_inputs(p['preprocess1'], width) for p in params]),
+        cells.stack_trees([s['preprocess1'] for s in stats]),
+        cells.stack_trees([p['edges'] for p in params]), cells.stack_trees([s['edges'] for s in stats]),
+        cells.stack_trees([_pad_inputs(params[j][key], width) for j, key in zip(look_ahead, look_key)]),
+        cells.stack_trees([stats[j][key] for j, key in zip(look_ahead, look_key)]))
+
+  def body(carry, xs):
+    q, r = carry
+    p1_params, p1_stats, edge_params, edge_stats, next_params, next_stats = xs
+    p1, st1 = ops.relu_conv_bn(p1_params, p1_stats, r, train)
+    out, edge_st = cell_edges(False, edge_params, edge_stats, q, p1, weights, **options)
+    q_next, next_st = ops.relu_conv_bn(next_params, next_stats, r, train)
+    return (q_next, _pad_channels(out, width)), (st1, edge_st, next_st, out)
+
+  body = jax.checkpoint(body) if remat else body
+  (_, s1_out), (st1, edge_st, next_st, outs) = jax.lax.scan(body, (q, _pad_channels(s1, width)), xs)
+  new_stats = []
+  for k in range(n):
+    pick = lambda tree, k=k: jax.tree.map(lambda leaf: leaf[k], tree)
+    new_stats.append({'preprocess0': st_first if k == 0 else pick(next_st, k - 1),
+                      'preprocess1': pick(st1), 'edges': pick(edge_st)})
+  return (s1 if n == 1 else outs[n - 2]), outs[n - 1], new_stats, ([outs[k] for k in range(n)] if collect else [])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,14 +324,24 @@ class Supernet:
     h = cells.normalize(parallel.compute_cast(self.compute_dtype, x), self.mean, self.std)
     h, stem_s = cells.stem_apply(params['stem'], stats['stem'], h, train)
 
-    def cell_fn(spec, p, s, s0, s1, rng):
-      del rng
-      return search_cell(spec, p, s, s0, s1, weights[spec.cell_type], primitives=self.space.primitives,
-                         steps=self.steps, multiplier=self.multiplier, train=train,
-                         depthwise=self.depthwise)
-
-    s1, cell_s, features = cells.run_cells(cell_fn, self.plan, params['cells'], stats['cells'], h, h, None,
-                                           collect=return_features, remat=self.remat)
+    options = dict(primitives=self.space.primitives, steps=self.steps, multiplier=self.multiplier, train=train,
+                   depthwise=self.depthwise)
+    plan, s0, s1 = self.plan, h, h
+    cell_s, features = [None] * len(plan), []
+    for run in _stages(plan):
+      p, s = [params['cells'][i] for i in run], [stats['cells'][i] for i in run]
+      w = weights[plan[run[0]].cell_type]
+      if plan[run[0]].reduction:
+        cell = functools.partial(search_cell, **options)
+        cell = jax.checkpoint(cell, static_argnums=(0,)) if self.remat else cell
+        out, cell_s[run[0]] = cell(plan[run[0]], p[0], s[0], s0, s1, w)
+        s0, s1, outs = s1, out, [out]
+      else:
+        s0, s1, new_s, outs = search_stage([plan[i] for i in run], p, s, s0, s1, w, remat=self.remat,
+                                           collect=return_features, **options)
+        for i, ns in zip(run, new_s):
+          cell_s[i] = ns
+      features.extend(outs if return_features else [])
     logits = cells.classifier_head(params['classifier'], s1).astype(out_dtype)
     out = (logits, {'stem': stem_s, 'cells': cell_s}) if train else (logits,)
     out = out + ([f.astype(out_dtype) for f in features],) if return_features else out

@@ -420,7 +420,7 @@ def _train(config, workdir: str, console: workdir_lib.Console):
   # ----------------------------------------------------------------------------
   nan_phase = schedules.Phase(lower=('loss',), upper=(), arch=False, project=False)
   stream, window = None, collections.defaultdict(list)
-  run_step = parallel.synchronized_steps(num_static=1)
+  run_step = parallel.step_runner(num_static=1)
   try:
     while step < total_steps:
       if t.max_steps and step >= t.max_steps:

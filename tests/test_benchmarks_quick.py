@@ -90,5 +90,6 @@ def test_crown_throughput_quick():
   for r in results:
     assert r['compile_s'] > 0 and r['step_s'] > 0 and r['flops_per_step'] > 0 and r['batch'] == 2
     assert r['examples_per_s'] == pytest.approx(r['batch'] / r['step_s']) and 'machine' in r
-    assert r['mean_worst_margin'] <= r['mean_clean_margin']   # lower bounds of the margins of one network
+    # Lower bounds of the margins of one network (two separately compiled programs: float32 round-off).
+    assert r['mean_worst_margin'] <= r['mean_clean_margin'] + 1e-6 * max(1.0, abs(r['mean_clean_margin']))
   assert 'examples_per_s' in proc.stderr   # the table

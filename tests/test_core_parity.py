@@ -92,3 +92,43 @@ def test_darts_search_supernet(shared_dir, dtype):
   derived = net.derive(alphas)
   assert derived == genotypes.Genotype.from_json(str(d['derived_genotype_json']))
   assert derived.to_dict() == json.loads(str(d['derived_genotype_json']))
+
+
+@pytest.mark.parametrize('space,layers,multiplier', [('darts', 8, 4), ('dsara', 7, 4), ('darts', 6, 2)])
+def test_deep_supernets_match_the_pytorch_reference(space, layers, multiplier, x64):
+  """Stages of several normal cells (one ``lax.scan`` per stage: zero-padded stem, look-ahead preprocessing)
+  against the reference supernet of ``benchmarks/torch_reference.py`` (itself checked against the original
+  code's fixture): train-mode logits, gradients of alphas and input, and the updated running statistics.
+  ``multiplier=2`` (2 nodes per cell): cell outputs narrower than the stem, zero-padded in the scan."""
+  torch = pytest.importorskip('torch')
+  from benchmarks import torch_reference as tr  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  layout = tr.DSARA_LAYOUT if space == 'dsara' else tr.DARTS_LAYOUT
+  primitives = ('max_pool_3x3', 'skip_connect', 'dil_conv_3x3') + (() if space == 'dsara' else ('none',))
+  model = tr.SearchNetwork(C=4, num_classes=10, layers=layers, primitives=primitives, layout=layout,
+                           steps=multiplier, multiplier=multiplier).double()
+  t_alphas = {t: a.detach().double().requires_grad_() for t, a in
+              model.new_alphas(torch.Generator().manual_seed(0)).items()}
+  x = np.random.default_rng(0).random((3, 3, 16, 16))
+  t_x = torch.from_numpy(x).requires_grad_()
+  net = search_space.Supernet(space=search_space.make_space(space, primitives=primitives), init_channels=4,
+                              layers=layers, steps=multiplier, multiplier=multiplier)
+  v = interop.from_torch_state_dict(model.state_dict(), net, input_shape=(3, 16, 16, 3), dtype=jnp.float64)
+  alphas = {t: jnp.asarray(a.detach().numpy()) for t, a in t_alphas.items()}
+
+  def loss(alphas, x):
+    logits, new_stats = net.apply(v, alphas, x, train=True)
+    return jnp.sum(jnp.sin(logits)), (logits, new_stats)
+
+  (_, (logits, new_stats)), (g_alphas, g_x) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
+      alphas, jnp.asarray(x.transpose(0, 2, 3, 1)))
+  t_logits = model.train()(t_x, t_alphas)
+  torch.sin(t_logits).sum().backward()
+  assert_close(logits, t_logits.detach().numpy(), jnp.float64)
+  for t in alphas:
+    assert_close(g_alphas[t], t_alphas[t].grad.numpy(), jnp.float64)
+  assert_close(g_x, t_x.grad.numpy().transpose(0, 2, 3, 1), jnp.float64)
+  with torch.no_grad():   # inference with the running statistics both updated
+    expected = model.eval()(t_x, t_alphas).numpy()
+  assert_close(net.apply({'params': v['params'], 'batch_stats': new_stats}, alphas, jnp.asarray(
+      x.transpose(0, 2, 3, 1))), expected, jnp.float64)

@@ -97,7 +97,7 @@ def _free_port() -> int:
 
 # Process 1 runs the entry point with its first XLA compilation delayed: a host that compiles the step 40 s
 # later than the other. CPU collectives give up after 30 s, so this passes only because the loops compile
-# every step ahead and meet at a barrier before its first run (``parallel.synchronized_steps``).
+# every step ahead and meet at a barrier before its first run (``parallel.step_runner``).
 SLOW_COMPILE = """
 import runpy, time
 from jax._src.interpreters import pxla
