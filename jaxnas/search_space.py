@@ -220,8 +220,8 @@ def search_stage(specs, params, stats, s0, s1, weights, *, remat, collect, **opt
   So iteration k carries ``(preprocess0_k(state_{k-2}), state_{k-1})`` and computes, besides cell k, the
   next cell's ``preprocess0`` of ``state_{k-1}``; the first cell's ``preprocess0`` runs before the scan,
   and narrower states (the stem's 3C channels, or cells' outputs when ``multiplier`` < ``stem_multiplier``)
-  and their 1x1 kernels are zero-padded to one width (exactly the same sums). The last
-  iteration's look-ahead reuses that cell's ``preprocess1`` and is discarded.
+  and their 1x1 kernels are zero-padded to one width (exactly the same sums). The last iteration's
+  look-ahead reuses that cell's ``preprocess1`` and is discarded.
 
   Returns ``(s0, s1, new_stats, outputs)`` with the states the next cell reads and the cells' outputs
   (``collect``) in order.
@@ -248,7 +248,7 @@ def search_stage(specs, params, stats, s0, s1, weights, *, remat, collect, **opt
     return (q_next, _pad_channels(out, width)), (st1, edge_st, next_st, out)
 
   body = jax.checkpoint(body) if remat else body
-  (_, s1_out), (st1, edge_st, next_st, outs) = jax.lax.scan(body, (q, _pad_channels(s1, width)), xs)
+  _, (st1, edge_st, next_st, outs) = jax.lax.scan(body, (q, _pad_channels(s1, width)), xs)
   new_stats = []
   for k in range(n):
     pick = lambda tree, k=k: jax.tree.map(lambda leaf: leaf[k], tree)
