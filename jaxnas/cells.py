@@ -83,6 +83,11 @@ def stack_trees(trees, xp=jnp):
   return jax.tree.map(lambda *leaves: xp.stack(leaves), *trees)
 
 
+def unstack_tree(tree, n: int) -> list:
+  """The inverse of ``stack_trees``: the ``n`` trees along the leading axis."""
+  return [jax.tree.map(lambda leaf, k=k: leaf[k], tree) for k in range(n)]
+
+
 def run_cells(cell_fn: Callable, plan: Sequence[CellSpec], params: Sequence, stats: Sequence, s0, s1,
               rng, *, split_after: Sequence[int] = (), on_output: Callable | None = None,
               collect: bool = False, remat: bool = False):
@@ -113,8 +118,8 @@ def run_cells(cell_fn: Callable, plan: Sequence[CellSpec], params: Sequence, sta
 
       (s0, s1), (seg_stats, seg_outs) = lax.scan(
           body, (s0, s1), (stack_trees([params[i] for i in seg]), stack_trees([stats[i] for i in seg]), keys))
-      for t, i in enumerate(seg):
-        new_stats[i] = jax.tree.map(lambda leaf, t=t: leaf[t], seg_stats)
+      for i, seg_stat in zip(seg, unstack_tree(seg_stats, len(seg))):
+        new_stats[i] = seg_stat
       outs = [seg_outs[t] for t in range(len(seg))] if collect else []
     if collect:
       features.extend(outs)
@@ -173,10 +178,13 @@ def preprocess_init(rng, spec: CellSpec, affine: bool):
   return {'preprocess0': p0, 'preprocess1': p1}, {'preprocess0': s0, 'preprocess1': s1}
 
 
+def preprocess0(spec: CellSpec, params, stats, s0, train):
+  """The cell's ``s0`` input: FactorizedReduce after a reduction cell, ReLUConvBN otherwise."""
+  reduce_or_conv = ops.factorized_reduce if spec.reduction_prev else ops.relu_conv_bn
+  return reduce_or_conv(params['preprocess0'], stats['preprocess0'], s0, train)
+
+
 def preprocess(spec: CellSpec, params, stats, s0, s1, train):
-  if spec.reduction_prev:
-    s0, st0 = ops.factorized_reduce(params['preprocess0'], stats['preprocess0'], s0, train)
-  else:
-    s0, st0 = ops.relu_conv_bn(params['preprocess0'], stats['preprocess0'], s0, train)
+  s0, st0 = preprocess0(spec, params, stats, s0, train)
   s1, st1 = ops.relu_conv_bn(params['preprocess1'], stats['preprocess1'], s1, train)
   return s0, s1, {'preprocess0': st0, 'preprocess1': st1}

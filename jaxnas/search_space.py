@@ -229,8 +229,7 @@ def search_stage(specs, params, stats, s0, s1, weights, *, remat, collect, **opt
   n, train = len(specs), options['train']
   width = max([options['multiplier'] * specs[0].c] + [spec.c_prev for spec in specs]
               + [spec.c_prev_prev for spec in specs[1:]])  # of every state a cell of the stage reads
-  q, st_first = (ops.factorized_reduce if specs[0].reduction_prev else ops.relu_conv_bn)(
-      params[0]['preprocess0'], stats[0]['preprocess0'], s0, train)
+  q, st_first = cells.preprocess0(specs[0], params[0], stats[0], s0, train)
   look_ahead = [k + 1 if k + 1 < n else k for k in range(n)]
   look_key = ['preprocess0' if k + 1 < n else 'preprocess1' for k in range(n)]
   xs = (cells.stack_trees([_pad_inputs(p['preprocess1'], width) for p in params]),
@@ -249,11 +248,9 @@ def search_stage(specs, params, stats, s0, s1, weights, *, remat, collect, **opt
 
   body = jax.checkpoint(body) if remat else body
   _, (st1, edge_st, next_st, outs) = jax.lax.scan(body, (q, _pad_channels(s1, width)), xs)
-  new_stats = []
-  for k in range(n):
-    pick = lambda tree, k=k: jax.tree.map(lambda leaf: leaf[k], tree)
-    new_stats.append({'preprocess0': st_first if k == 0 else pick(next_st, k - 1),
-                      'preprocess1': pick(st1), 'edges': pick(edge_st)})
+  next_st = [st_first] + cells.unstack_tree(next_st, n)[:-1]  # cell k's preprocess0 ran in iteration k - 1
+  new_stats = [{'preprocess0': p0, 'preprocess1': p1, 'edges': e}
+               for p0, p1, e in zip(next_st, cells.unstack_tree(st1, n), cells.unstack_tree(edge_st, n))]
   return (s1 if n == 1 else outs[n - 2]), outs[n - 1], new_stats, ([outs[k] for k in range(n)] if collect else [])
 
 
