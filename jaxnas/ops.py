@@ -14,7 +14,9 @@ BN(affine=False) (``pool_bn=True``).
 
 The depthwise convolution has two formulations with identical results: ``'shift'`` (a sum of k*k strided
 slices times per-channel weights, fast on XLA:CPU) and ``'grouped'`` (``lax.conv_general_dilated`` with
-``feature_group_count``, fast on GPU/TPU). ``'auto'`` picks by backend.
+``feature_group_count``, fast on GPU/TPU). ``'auto'`` picks by backend. Under ``'shift'`` the 1x1 convs
+and the train-mode BatchNorm of the composite ops also take hand-written VJPs (one product per gradient,
+two reductions of the cotangent), which XLA:CPU compiles without the transposed copies autodiff makes.
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ def resolve_depthwise(depthwise: str) -> str:
   """The window-op formulation: 'shift' on CPU, 'grouped' elsewhere, unless given.
 
   'shift': shifted multiply-adds with hand-written VJPs whose backward pass is again a forward-style
-  window sum (fast on XLA:CPU; reverse mode of any order, no forward mode). 'autodiff': the same sums with
+  window sum, and hand-written VJPs for 1x1 convs and train-mode BatchNorm (fast on XLA:CPU; reverse mode
+  of any order, no forward mode). 'autodiff': the same sums with
   plain JAX autodiff (every AD mode, e.g. ``jax.jvp`` for exact Hessian-vector products; slower
   gradients). 'grouped': ``feature_group_count`` convolutions (vendor kernels on GPU/TPU).
   """
@@ -81,24 +84,58 @@ def bn_init(C, affine):
   return params, {'mean': np.zeros((C,), np.float32), 'var': np.ones((C,), np.float32)}
 
 
-def batch_norm(params, stats, x, train):
+def batch_norm(params, stats, x, train, depthwise='autodiff'):
   """BatchNorm2d over N, H, W; train mode uses batch statistics and updates the running ones as PyTorch does
   (momentum 0.1, unbiased variance in the running estimate). Statistics and normalisation are computed in at
-  least float32, the output has ``x``'s dtype (bfloat16 activations keep float32 running statistics)."""
+  least float32, the output has ``x``'s dtype (bfloat16 activations keep float32 running statistics).
+  Under the 'shift' formulation the train-mode normalisation has a hand-written VJP (``_shift_normalize``)."""
   y = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   if train:
-    mean = jnp.mean(y, axis=(0, 1, 2))
-    var = jnp.mean(jnp.square(y - mean), axis=(0, 1, 2))
+    if resolve_depthwise(depthwise) == 'shift':
+      y, mean, var = _shift_normalize(y)
+    else:
+      mean = jnp.mean(y, axis=(0, 1, 2))
+      var = jnp.mean(jnp.square(y - mean), axis=(0, 1, 2))
+      y = (y - mean) * lax.rsqrt(var + BN_EPS)
     n = x.size // x.shape[-1]
     new_stats = jax.tree.map(lax.stop_gradient, {
         'mean': (1 - BN_MOMENTUM) * stats['mean'] + BN_MOMENTUM * mean,
         'var': (1 - BN_MOMENTUM) * stats['var'] + BN_MOMENTUM * var * n / max(n - 1, 1)})
   else:
-    mean, var, new_stats = stats['mean'], stats['var'], stats
-  y = (y - mean) * lax.rsqrt(var + BN_EPS)
+    new_stats = stats
+    y = (y - stats['mean']) * lax.rsqrt(stats['var'] + BN_EPS)
   if params:
     y = y * params['scale'] + params['bias']
   return y.astype(x.dtype), new_stats
+
+
+@jax.custom_vjp
+def _shift_normalize(y):
+  """(y - mean) / sqrt(var + eps) with the batch mean and biased variance over N, H, W; also returns both."""
+  mean = jnp.mean(y, axis=(0, 1, 2))
+  var = jnp.mean(jnp.square(y - mean), axis=(0, 1, 2))
+  return (y - mean) * lax.rsqrt(var + BN_EPS), mean, var
+
+
+def _shift_normalize_fwd(y):
+  out = _shift_normalize(y)
+  return out, (y, out[1], out[2])
+
+
+def _shift_normalize_bwd(res, cotangents):
+  """dy = rstd (g - mean(g) - xhat mean(g xhat)) + (g_mean + 2 g_var (y - mean)) / n: two reductions of the
+  cotangent, where autodiff of the forward pass differentiates every intermediate."""
+  y, mean, var = res
+  g, g_mean, g_var = cotangents
+  n = y.size // y.shape[-1]
+  rstd = lax.rsqrt(var + BN_EPS)
+  xhat = (y - mean) * rstd
+  mean_g = jnp.mean(g, axis=(0, 1, 2))
+  mean_gx = jnp.mean(g * xhat, axis=(0, 1, 2))
+  return (rstd * (g - mean_g - xhat * mean_gx) + (g_mean + 2 * g_var * (y - mean)) / n,)
+
+
+_shift_normalize.defvjp(_shift_normalize_fwd, _shift_normalize_bwd)
 
 
 def conv2d(x, kernel, stride=1, padding=0, dilation=1):
@@ -108,6 +145,31 @@ def conv2d(x, kernel, stride=1, padding=0, dilation=1):
   return lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
                                   rhs_dilation=(dilation, dilation),
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@jax.custom_vjp
+def _shift_pointwise(x, kernel):
+  return jnp.einsum('nc,cd->nd', x, kernel)
+
+
+def _shift_pointwise_fwd(x, kernel):
+  return _shift_pointwise(x, kernel), (x, kernel)
+
+
+def _shift_pointwise_bwd(res, g):
+  x, kernel = res
+  return jnp.einsum('nd,cd->nc', g, kernel), jnp.einsum('nc,nd->cd', x, g)
+
+
+_shift_pointwise.defvjp(_shift_pointwise_fwd, _shift_pointwise_bwd)
+
+
+def pointwise_conv2d(x, kernel, depthwise):
+  """1x1 stride-1 conv; under 'shift' its kernel gradient is one batched product per image."""
+  if resolve_depthwise(depthwise) == 'shift':
+    b, h, w, c = x.shape
+    return _shift_pointwise(x.reshape(b * h * w, c), kernel[0, 0]).reshape(b, h, w, -1)
+  return conv2d(x, kernel)
 
 
 def _out_size(size, k, stride, padding, dilation=1):
@@ -341,9 +403,11 @@ def _sep_init(rng, C, k, affine):
 
 def _sep_apply(k, params, stats, x, stride, train, depthwise):
   y = depthwise_conv2d(jax.nn.relu(x), params['dw1']['kernel'], stride, k // 2, 1, depthwise)
-  y, s1 = batch_norm(params['bn1'], stats['bn1'], conv2d(y, params['pw1']['kernel']), train)
+  y = pointwise_conv2d(y, params['pw1']['kernel'], depthwise)
+  y, s1 = batch_norm(params['bn1'], stats['bn1'], y, train, depthwise)
   y = depthwise_conv2d(jax.nn.relu(y), params['dw2']['kernel'], 1, k // 2, 1, depthwise)
-  y, s2 = batch_norm(params['bn2'], stats['bn2'], conv2d(y, params['pw2']['kernel']), train)
+  y = pointwise_conv2d(y, params['pw2']['kernel'], depthwise)
+  y, s2 = batch_norm(params['bn2'], stats['bn2'], y, train, depthwise)
   return y, {'bn1': s1, 'bn2': s2}
 
 
@@ -355,7 +419,8 @@ def _dil_init(rng, C, k, affine):
 
 def _dil_apply(k, params, stats, x, stride, train, depthwise):
   y = depthwise_conv2d(jax.nn.relu(x), params['dw']['kernel'], stride, k - 1, 2, depthwise)
-  y, s = batch_norm(params['bn'], stats['bn'], conv2d(y, params['pw']['kernel']), train)
+  y = pointwise_conv2d(y, params['pw']['kernel'], depthwise)
+  y, s = batch_norm(params['bn'], stats['bn'], y, train, depthwise)
   return y, {'bn': s}
 
 
@@ -371,7 +436,7 @@ def _pool_apply(pool, params, stats, x, stride, train, depthwise):
   y = pool(x, 3, stride, 1, depthwise)
   if not stats:
     return y, stats
-  y, s = batch_norm({}, stats['bn'], y, train)
+  y, s = batch_norm({}, stats['bn'], y, train, depthwise)
   return y, {'bn': s}
 
 

@@ -41,6 +41,76 @@ def test_pool_vjps_equal_autodiff(x64, pool, stride, size):
   np.testing.assert_allclose(out['shift'][1], out['autodiff'][1], rtol=1e-12, atol=1e-12)
 
 
+
+def test_batch_norm_vjp_equals_autodiff(x64):
+  """The hand-written train-mode BatchNorm VJP, including cotangents of the batch mean and variance."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(2.0, 3.0, size=(3, 5, 4, 6)))
+  g = jnp.asarray(rng.normal(size=x.shape))
+  gm, gv = (jnp.asarray(rng.normal(size=6)) for _ in range(2))
+  params = {'scale': jnp.asarray(rng.normal(size=6)), 'bias': jnp.asarray(rng.normal(size=6))}
+  stats = {'mean': jnp.zeros(6), 'var': jnp.ones(6)}
+
+  def loss(x, params, impl):
+    y, new = ops.batch_norm(params, stats, x, True, impl)
+    return jnp.sum(g * y), new
+
+  (v_s, new_s), grads_s = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, params, 'shift')
+  (v_a, new_a), grads_a = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, params, 'autodiff')
+  np.testing.assert_allclose(v_s, v_a, rtol=1e-12)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12), new_s, new_a)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), grads_s, grads_a)
+
+  def stats_loss(x, f):
+    y, mean, var = f(x)
+    return jnp.sum(g * y) + jnp.dot(gm, mean) + jnp.dot(gv, var)
+
+  def plain(y):
+    mean = jnp.mean(y, axis=(0, 1, 2))
+    var = jnp.mean(jnp.square(y - mean), axis=(0, 1, 2))
+    return (y - mean) * jax.lax.rsqrt(var + ops.BN_EPS), mean, var
+
+  np.testing.assert_allclose(jax.grad(stats_loss)(x, ops._shift_normalize), jax.grad(stats_loss)(x, plain),
+                             rtol=1e-10, atol=1e-12)
+
+
+def test_pointwise_conv_vjp_equals_conv(x64):
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(2, 5, 3, 4)))
+  kernel = jnp.asarray(rng.normal(size=(1, 1, 4, 7)))
+  g = jnp.asarray(rng.normal(size=(2, 5, 3, 7)))
+  shift = jax.value_and_grad(lambda x, k: jnp.sum(g * ops.pointwise_conv2d(x, k, 'shift')), (0, 1))(x, kernel)
+  conv = jax.value_and_grad(lambda x, k: jnp.sum(g * ops.conv2d(x, k)), (0, 1))(x, kernel)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12), shift, conv)
+
+
+@pytest.mark.parametrize('primitive', ['sep_conv_3x3', 'dil_conv_5x5', 'max_pool_3x3', 'avg_pool_3x3'])
+@pytest.mark.parametrize('stride', [1, 2])
+def test_composite_ops_train_mode_gradients_agree(x64, primitive, stride):
+  """A whole train-mode op (ReLU, window ops, 1x1 convs, BatchNorm): value, weight and input gradients of
+  'shift' (every hand-written VJP) equal plain autodiff, and so does double backprop through it."""
+  op = ops.OPS[primitive]
+  params, stats = op.init(np.random.default_rng(7), 4, stride, True, True)
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.normal(size=(2, 7, 7, 4)))
+  g = jnp.asarray(rng.normal(size=op.apply(params, stats, x, stride, True, 'autodiff')[0].shape))
+
+  def loss(params, x, impl):
+    return jnp.sum(g * jnp.tanh(op.apply(params, stats, x, stride, True, impl)[0]))
+
+  def input_grad_norm(params, impl):
+    return jnp.sum(jax.grad(loss, 1)(params, x, impl) ** 2)
+
+  first = {impl: jax.jit(jax.value_and_grad(loss, (0, 1)), static_argnums=2)(params, x, impl)
+           for impl in ('shift', 'autodiff')}
+  second = {impl: jax.jit(jax.grad(input_grad_norm), static_argnums=1)(params, impl)
+            for impl in ('shift', 'autodiff')}
+  for out in (first, second):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11), out['shift'],
+                 out['autodiff'])
+
+
 def test_max_pool_ties_follow_pytorch(x64):
   """Plateaus (a max pool of a max pool) create ties: the gradient goes to the first maximal element."""
   torch = pytest.importorskip('torch')
