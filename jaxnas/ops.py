@@ -49,9 +49,8 @@ def resolve_depthwise(depthwise: str) -> str:
 
   'shift': shifted multiply-adds with hand-written VJPs whose backward pass is again a forward-style
   window sum, and hand-written VJPs for 1x1 convs and train-mode BatchNorm (fast on XLA:CPU; reverse mode
-  of any order, no forward mode). 'autodiff': the same sums with
-  plain JAX autodiff (every AD mode, e.g. ``jax.jvp`` for exact Hessian-vector products; slower
-  gradients). 'grouped': ``feature_group_count`` convolutions (vendor kernels on GPU/TPU).
+  of any order, no forward mode). 'autodiff': the same sums with plain JAX autodiff (every AD mode, e.g.
+  ``jax.jvp`` for exact Hessian-vector products; slower gradients). 'grouped': ``feature_group_count`` convolutions (vendor kernels on GPU/TPU).
   """
   if depthwise == 'auto':
     return 'shift' if jax.default_backend() == 'cpu' else 'grouped'
@@ -91,12 +90,8 @@ def batch_norm(params, stats, x, train, depthwise='autodiff'):
   Under the 'shift' formulation the train-mode normalisation has a hand-written VJP (``_shift_normalize``)."""
   y = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   if train:
-    if resolve_depthwise(depthwise) == 'shift':
-      y, mean, var = _shift_normalize(y)
-    else:
-      mean = jnp.mean(y, axis=(0, 1, 2))
-      var = jnp.mean(jnp.square(y - mean), axis=(0, 1, 2))
-      y = (y - mean) * lax.rsqrt(var + BN_EPS)
+    normalize = _shift_normalize if resolve_depthwise(depthwise) == 'shift' else batch_normalize
+    y, mean, var = normalize(y)
     n = x.size // x.shape[-1]
     new_stats = jax.tree.map(lax.stop_gradient, {
         'mean': (1 - BN_MOMENTUM) * stats['mean'] + BN_MOMENTUM * mean,
@@ -109,16 +104,18 @@ def batch_norm(params, stats, x, train, depthwise='autodiff'):
   return y.astype(x.dtype), new_stats
 
 
-@jax.custom_vjp
-def _shift_normalize(y):
+def batch_normalize(y):
   """(y - mean) / sqrt(var + eps) with the batch mean and biased variance over N, H, W; also returns both."""
   mean = jnp.mean(y, axis=(0, 1, 2))
   var = jnp.mean(jnp.square(y - mean), axis=(0, 1, 2))
   return (y - mean) * lax.rsqrt(var + BN_EPS), mean, var
 
 
+_shift_normalize = jax.custom_vjp(batch_normalize)
+
+
 def _shift_normalize_fwd(y):
-  out = _shift_normalize(y)
+  out = batch_normalize(y)
   return out, (y, out[1], out[2])
 
 
@@ -165,7 +162,7 @@ _shift_pointwise.defvjp(_shift_pointwise_fwd, _shift_pointwise_bwd)
 
 
 def pointwise_conv2d(x, kernel, depthwise):
-  """1x1 stride-1 conv; under 'shift' its kernel gradient is one batched product per image."""
+  """1x1 stride-1 conv; under 'shift' a (b*h*w, c) x (c, d) product whose gradients are one product each."""
   if resolve_depthwise(depthwise) == 'shift':
     b, h, w, c = x.shape
     return _shift_pointwise(x.reshape(b * h * w, c), kernel[0, 0]).reshape(b, h, w, -1)
