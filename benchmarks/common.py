@@ -18,9 +18,13 @@ import sys
 import time
 from typing import Callable, Sequence
 
-import jax
+# PyTorch's reference shares the GPU with jaxnas in the same process: JAX must not take 75% of its memory
+# up front (read when JAX starts its GPU client, after this import).
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
-from jaxnas import parallel
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from jaxnas import analysis, ops, parallel
 
 # Dense peak FLOP/s per device kind for the 'fraction of peak' figure (vendor data sheets, SXM parts):
 # float32 work runs on TF32 tensor cores under XLA's default matmul precision on these GPUs.
@@ -42,6 +46,8 @@ def parser(description: str) -> argparse.ArgumentParser:
                  help='intra-op thread counts to time PyTorch with; the fastest counts '
                       '(default: os.cpu_count() and 1)')
   p.add_argument('--json-out', default=None, help='also append the JSON lines to this file')
+  p.add_argument('--depthwise', default='auto', choices=('auto',) + ops.FORMULATIONS,
+                 help="depthwise conv formulation of jaxnas' network (ops.resolve_depthwise; auto: per backend)")
   return p
 
 
@@ -54,6 +60,15 @@ def torch_or_none(args):
   except ImportError:
     return None
   return torch
+
+
+def torch_device(torch) -> str:
+  """Where the PyTorch reference runs: 'cuda' when jaxnas runs on a GPU that PyTorch sees too (a same-GPU
+  ratio), else 'cpu'. On the GPU cuDNN's autotuner is on, as the original search and train scripts set it."""
+  if jax.default_backend() == 'gpu' and torch.cuda.is_available():
+    torch.backends.cudnn.benchmark = True
+    return 'cuda'
+  return 'cpu'
 
 
 def machine_info() -> dict:
@@ -97,7 +112,8 @@ def time_jax(fn: Callable, args: Sequence, repeats: int, warmup: int, dtype: str
 
   Compiled with the XLA options of the training loops' steps (``parallel.compiler_options``).
   ``compile_s`` = trace/lower + XLA compile; ``step_s`` = median wall time of the compiled call.
-  Returns also the compiled function's outputs (``'outputs'``) and XLA's FLOP count.
+  Returns also the compiled function's outputs (``'outputs'``), its FLOPs (``step_flops``; the achieved
+  fraction of peak on a known GPU) and XLA's own count (``xla_flops_per_step``: a loop body counted once).
   """
   jitted = fn if hasattr(fn, 'lower') else jax.jit(fn)
   t0 = time.perf_counter()
@@ -111,12 +127,24 @@ def time_jax(fn: Callable, args: Sequence, repeats: int, warmup: int, dtype: str
   step_s, times = _median_time(lambda: block(compiled(*args)), repeats, warmup)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get('flops', 0.0)) if cost else None
   result = {'lower_s': t1 - t0, 'compile_s': t2 - t0, 'step_s': step_s, 'step_times_s': times,
-            'flops_per_step': flops, 'achieved_flops_per_s': flops / step_s if flops else None,
-            'fraction_of_peak_flops': _fraction_of_peak(flops, step_s, dtype), 'outputs': outputs}
+            'xla_flops_per_step': float(cost.get('flops', 0.0)) if cost else None, 'outputs': outputs}
+  result.update(flops_fields(step_flops(fn, *args), step_s, dtype))
   result.update(peak_memory())
   return result
+
+
+def step_flops(fn: Callable, *args) -> float:
+  """FLOPs of one call of ``fn``: 2 x the multiply-accumulates of its convolutions and matrix products
+  (``analysis.jaxpr_macs`` on its jaxpr: backward passes and attacks included, a scan's body ``length``
+  times). XLA's cost analysis counts a while loop's body once, so it undercounts scanned cells and edges."""
+  return 2.0 * analysis.jaxpr_macs(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def flops_fields(flops: float, step_s: float, dtype: str = 'float32') -> dict:
+  """FLOPs per step, achieved FLOP/s and, on a known GPU, the fraction of its dense peak for ``dtype``."""
+  return {'flops_per_step': flops, 'achieved_flops_per_s': flops / step_s,
+          'fraction_of_peak_flops': _fraction_of_peak(flops, step_s, dtype)}
 
 
 def _fraction_of_peak(flops, step_s, dtype):
@@ -137,12 +165,19 @@ def peak_memory() -> dict:
 
 
 def time_torch(torch, step: Callable[[], object], repeats: int, warmup: int,
-               threads: Sequence[int] | None = None) -> dict:
-  """Median time of a PyTorch step for each intra-op thread count; the fastest one is reported.
+               threads: Sequence[int] | None = None, device: str = 'cpu') -> dict:
+  """Median time of a PyTorch step; on the CPU for each intra-op thread count, the fastest one reported.
 
   On a loaded machine OpenMP threads that spin for busy cores can make PyTorch many times slower than
   with one thread, so both ``os.cpu_count()`` and 1 are tried by default: the ratio uses PyTorch at its best.
+  On 'cuda' each step ends with ``torch.cuda.synchronize()`` (as jaxnas' end with ``block_until_ready``) and
+  the peak of PyTorch's caching allocator is reported.
   """
+  if device == 'cuda':
+    torch.cuda.reset_peak_memory_stats()
+    step_s, _ = _median_time(lambda: (step(), torch.cuda.synchronize()), repeats, warmup)
+    return {'torch_step_s': step_s, 'torch_device': torch.cuda.get_device_name(),
+            'torch_peak_memory_bytes': int(torch.cuda.max_memory_allocated())}
   threads = threads or sorted({os.cpu_count() or 1, 1}, reverse=True)
   before = torch.get_num_threads()
   per_threads = {}
@@ -154,7 +189,7 @@ def time_torch(torch, step: Callable[[], object], repeats: int, warmup: int,
   finally:
     torch.set_num_threads(before)
   best = min(per_threads, key=per_threads.get)
-  return {'torch_step_s': per_threads[best], 'torch_threads': best,
+  return {'torch_step_s': per_threads[best], 'torch_threads': best, 'torch_device': 'cpu',
           'torch_step_s_by_threads': {str(k): v for k, v in per_threads.items()}}
 
 

@@ -63,7 +63,6 @@ def main(argv=None):
   p.add_argument('--channels', type=int, default=8, help='init channels C')
   p.add_argument('--layers', type=int, default=5, help='number of cells')
   p.add_argument('--size', type=int, default=32, help='input height and width (divisible by 4)')
-  p.add_argument('--depthwise', default='auto', help='depthwise formulation of the network (jaxnas.ops)')
   p.add_argument('--chunk-rows', type=int, default=256, help='CROWN: neurons per intermediate backward pass')
   args = p.parse_args(argv)
   if args.quick:

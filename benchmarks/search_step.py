@@ -5,7 +5,9 @@ and times one search step (architecture step on a val batch + weight step on a t
 with a new learning rate at every step; ``compile_s`` is the first step's time (trace, lower, compile) minus
 the median step. The step functions run under ``chex.assert_max_traces(n=1)``: a retrace (recompilation)
 across steps or epochs fails the run. With PyTorch installed, the same step of the PyTorch reference supernet
-(first order; plain or PGD-k cross-entropy on each level, as the config says) is timed in the same run.
+(first order; plain or PGD-k cross-entropy on each level, as the config says) is timed in the same run, on
+the same GPU when jaxnas runs on one. ``flops_per_step``: the convolutions and matrix products of both steps,
+attacks included (``common.step_flops``).
 
   python -m benchmarks.search_step                                   # DARTS (1st order), C=16, 8 cells, batch 32
   python -m benchmarks.search_step --config configs/dsara.py:darts_space --order 1   # PGD-7 adversarial search step
@@ -14,6 +16,7 @@ across steps or epochs fails the run. With PyTorch installed, the same step of t
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import time
 
@@ -22,10 +25,10 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from jaxnas import bilevel, data, parallel, schedules, search
+from jaxnas import bilevel, data, ops, parallel, schedules, search
 
 COLUMNS = ('config', 'cells', 'batch', 'C', 'compile_s', 'step_s', 'examples_per_s', 'torch_step_s', 'ratio',
-           'retraces')
+           'retraces', 'fraction_of_peak_flops')
 
 
 def load_config(spec: str):
@@ -55,26 +58,30 @@ def _level_attack(specs):
   return kwargs['steps'], kwargs['eps'], kwargs.get('step_size') or kwargs['eps'] / 4
 
 
-def torch_search_step(torch, program, C, cells, batch, size):
+def torch_search_step(torch, program, phase, C, cells, batch, size, device):
   """The PyTorch reference: an Adam step of the alphas on the val batch, then an SGD step of the weights on the
-  train batch (first order), each level on clean or PGD examples as in ``program``; None when the config
-  has objectives the reference does not implement."""
+  train batch (first order), each level on clean or PGD examples as its objectives active in ``phase`` say, on
+  ``device``; None when they are objectives the reference does not implement."""
   from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+  active = lambda specs, labels: [s for s in specs if s.label in labels]
   try:
-    lower, upper = _level_attack(program.lower), _level_attack(program.upper)
+    lower = _level_attack(active(program.lower, phase.lower))
+    upper = _level_attack(active(program.upper, phase.upper))
   except NotImplementedError:
     return None
   F = torch.nn.functional
   torch.manual_seed(0)
   space = program.model.space
   layout = (space.stage_types, space.widths)
-  model = torch_reference.SearchNetwork(C=C, layers=cells, primitives=space.primitives, layout=layout).train()
-  alphas = model.new_alphas(torch.Generator().manual_seed(0))
+  model = torch_reference.SearchNetwork(C=C, layers=cells, primitives=space.primitives, layout=layout)
+  model = model.train().to(device)
+  alphas = {t: a.detach().to(device).requires_grad_()
+            for t, a in model.new_alphas(torch.Generator().manual_seed(0)).items()}
   w_opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
   a_opt = torch.optim.Adam(list(alphas.values()), 3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
   gen = torch.Generator().manual_seed(1)
-  xt, xv = (torch.rand(batch, 3, size, size, generator=gen) for _ in range(2))
-  yt, yv = (torch.randint(0, 10, (batch,), generator=gen) for _ in range(2))
+  xt, xv = (torch.rand(batch, 3, size, size, generator=gen).to(device) for _ in range(2))
+  yt, yv = (torch.randint(0, 10, (batch,), generator=gen).to(device) for _ in range(2))
 
   def pgd(x, y, attack):
     if attack is None:
@@ -105,7 +112,7 @@ def torch_search_step(torch, program, C, cells, batch, size):
 def run(args, cells, torch) -> dict:
   config = load_config(args.config)
   with config.unlocked():
-    config.model.update(dict(layers=cells, init_channels=args.channels))
+    config.model.update(dict(layers=cells, init_channels=args.channels, depthwise=args.depthwise))
     if args.quick:  # a 4-primitive supernet: CI checks the harness, not the speed
       config.model.primitives = ('none', 'max_pool_3x3', 'skip_connect', 'sep_conv_3x3')
     if args.order:
@@ -141,16 +148,23 @@ def run(args, cells, torch) -> dict:
       common.log(f'step {t}: {times[-1]:.2f} s')
   timed = times[1 + args.warmup:] or times[1:]
   step_s = float(np.median(timed))
+  flops = (common.step_flops(functools.partial(bilevel.arch_step.__wrapped__, program, phase), state,
+                             batch_at(0, 1), batch_at(1, 1), hparams)
+           + common.step_flops(functools.partial(bilevel.weight_step.__wrapped__, program, phase), state,
+                               batch_at(0, 1), hparams))
   result = {'benchmark': 'search_step', 'config': args.config, 'order': program.arch.order, 'cells': cells,
             'batch': args.batch, 'C': args.channels, 'size': args.size,
+            'depthwise': ops.resolve_depthwise(args.depthwise, supernet=True),
             'compile_s': times[0] - step_s,  # first step (trace, lower, compile, run) minus a step
             'step_s': step_s, 'step_times_s': timed, 'examples_per_s': args.batch / step_s,
             'retraces': 0}  # chex.assert_max_traces(n=1) raised otherwise
+  result.update(common.flops_fields(flops, step_s))
   result.update(common.peak_memory())
   if torch is not None:
-    t_step = torch_search_step(torch, program, args.channels, cells, args.batch, args.size)
+    device = common.torch_device(torch)
+    t_step = torch_search_step(torch, program, phase, args.channels, cells, args.batch, args.size, device)
     if t_step is not None:
-      result.update(common.time_torch(torch, t_step, args.repeats, args.warmup, args.torch_threads))
+      result.update(common.time_torch(torch, t_step, args.repeats, args.warmup, args.torch_threads, device))
       result['ratio'] = result['step_s'] / result['torch_step_s']
   return result
 

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 from benchmarks import common
-from jaxnas import interop, search_space
+from jaxnas import interop, ops, search_space
 
 COLUMNS = ('cells', 'batch', 'C', 'compile_s', 'step_s', 'examples_per_s', 'torch_step_s', 'ratio',
            'loss_abs_diff', 'peak_memory_bytes')
@@ -35,13 +35,14 @@ def make_step(net):
   return jax.jit(grad)
 
 
-def torch_setup(torch, C, cells, x_nchw, y):
-  """The reference supernet, its alphas and a step closure (forward, CE, backward)."""
+def torch_setup(torch, C, cells, x_nchw, y, device):
+  """The reference supernet (on ``device``), its alphas and a step closure (forward, CE, backward)."""
   from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
-  model = torch_reference.SearchNetwork(C=C, num_classes=10, layers=cells).train()
+  model = torch_reference.SearchNetwork(C=C, num_classes=10, layers=cells).train().to(device)
   alphas = model.new_alphas(torch.Generator().manual_seed(0))
-  x, y = torch.from_numpy(x_nchw), torch.from_numpy(y)
+  alphas = {t: a.detach().to(device).requires_grad_() for t, a in alphas.items()}
+  x, y = torch.from_numpy(x_nchw).to(device), torch.from_numpy(y).to(device)
 
   def step():
     model.zero_grad(set_to_none=True)
@@ -59,12 +60,16 @@ def run(args, cells, torch) -> dict:
   rng = np.random.default_rng(0)
   x = rng.random((B, size, size, 3), dtype=np.float32)
   y = rng.integers(0, 10, B).astype(np.int32)
-  net = search_space.Supernet(init_channels=C, layers=cells, num_classes=10)
-  result = {'benchmark': 'supernet_step', 'cells': cells, 'batch': B, 'C': C, 'size': size}
+  net = search_space.Supernet(init_channels=C, layers=cells, num_classes=10, depthwise=args.depthwise)
+  result = {'benchmark': 'supernet_step', 'cells': cells, 'batch': B, 'C': C, 'size': size,
+            'depthwise': ops.resolve_depthwise(args.depthwise, supernet=True)}
   if torch is not None:
-    model, t_alphas, t_step = torch_setup(torch, C, cells, x.transpose(0, 3, 1, 2).copy(), y.astype(np.int64))
-    variables = interop.from_torch_state_dict(model.state_dict(), net, input_shape=x.shape)
-    alphas = {t: jnp.asarray(a.detach().numpy()) for t, a in t_alphas.items()}
+    device = common.torch_device(torch)
+    model, t_alphas, t_step = torch_setup(torch, C, cells, x.transpose(0, 3, 1, 2).copy(), y.astype(np.int64),
+                                          device)
+    variables = interop.from_torch_state_dict({k: v.cpu() for k, v in model.state_dict().items()}, net,
+                                              input_shape=x.shape)
+    alphas = {t: jnp.asarray(a.detach().cpu().numpy()) for t, a in t_alphas.items()}
   else:
     variables = net.init(jax.random.PRNGKey(0), jnp.asarray(x))
     alphas = net.init_alphas(jax.random.PRNGKey(1))
@@ -74,7 +79,7 @@ def run(args, cells, torch) -> dict:
   result.update(timing, examples_per_s=B / timing['step_s'])
   if torch is not None:
     result['loss_abs_diff'] = abs(float(loss) - float(t_step()))
-    result.update(common.time_torch(torch, t_step, args.repeats, args.warmup, args.torch_threads))
+    result.update(common.time_torch(torch, t_step, args.repeats, args.warmup, args.torch_threads, device))
     result['ratio'] = result['step_s'] / result['torch_step_s']
   return result
 

@@ -13,8 +13,9 @@ or ``FactorizedReduce`` at stride 2; ``none`` = zeros. In the search supernet po
 BN(affine=False) (``pool_bn=True``).
 
 The depthwise convolution has two formulations with identical results: ``'shift'`` (a sum of k*k strided
-slices times per-channel weights, fast on XLA:CPU) and ``'grouped'`` (``lax.conv_general_dilated`` with
-``feature_group_count``, fast on GPU/TPU). ``'auto'`` picks by backend. Under ``'shift'`` the 1x1 convs
+slices times per-channel weights, fast on XLA:CPU and for the search supernet on GPU) and ``'grouped'``
+(``lax.conv_general_dilated`` with ``feature_group_count``, vendor kernels on GPU/TPU). ``'auto'`` picks
+by backend and network (``resolve_depthwise``). Under ``'shift'`` the 1x1 convs
 and the train-mode BatchNorm of the composite ops also take hand-written VJPs (one product per gradient,
 two reductions of the cotangent), which XLA:CPU compiles without the transposed copies autodiff makes.
 """
@@ -44,8 +45,9 @@ DSARA_PRIMITIVES = DARTS_PRIMITIVES[1:]
 FORMULATIONS = ('shift', 'autodiff', 'grouped')
 
 
-def resolve_depthwise(depthwise: str) -> str:
-  """The window-op formulation: 'shift' on CPU, 'grouped' elsewhere, unless given.
+def resolve_depthwise(depthwise: str, supernet: bool = False) -> str:
+  """The window-op formulation: 'shift' on CPU, and on GPU for a search ``supernet`` (its step ran 2x faster
+  than with grouped convolutions on an H100: benchmarks/RESULTS.md); else 'grouped', unless given.
 
   'shift': shifted multiply-adds with hand-written VJPs whose backward pass is again a forward-style
   window sum, and hand-written VJPs for 1x1 convs and train-mode BatchNorm (fast on XLA:CPU; reverse mode
@@ -53,7 +55,8 @@ def resolve_depthwise(depthwise: str) -> str:
   ``jax.jvp`` for exact Hessian-vector products; slower gradients). 'grouped': ``feature_group_count`` convolutions (vendor kernels on GPU/TPU).
   """
   if depthwise == 'auto':
-    return 'shift' if jax.default_backend() == 'cpu' else 'grouped'
+    backend = jax.default_backend()
+    return 'shift' if backend == 'cpu' or (supernet and backend == 'gpu') else 'grouped'
   if depthwise not in FORMULATIONS:
     raise ValueError(f"unknown depthwise formulation {depthwise!r}: use 'auto' or one of {FORMULATIONS}")
   return depthwise

@@ -54,9 +54,14 @@ def compiler_options() -> dict | None:
   """XLA options of the training loops' steps on the current backend.
 
   XLA:CPU: LLVM at optimisation level 1 instead of 2; the DARTS supernet step compiles ~25% faster at the
-  same step time (benchmarks/RESULTS.md). Other backends: XLA's defaults.
+  same step time (benchmarks/RESULTS.md). XLA:GPU: matrix products through cuBLAS, not Triton GEMM fusions
+  (jaxlib 0.11's Triton tiling pass aborts the compile on the 1x1 convs' strided matrix products:
+  ``triton_tiling_propagation.cc Check failed: subdim_size_accumulator == dim_size``). TPU: XLA's defaults.
   """
-  return {'xla_backend_optimization_level': 1} if jax.default_backend() == 'cpu' else None
+  backend = jax.default_backend()
+  if backend == 'cpu':
+    return {'xla_backend_optimization_level': 1}
+  return {'xla_gpu_enable_triton_gemm': False} if backend == 'gpu' else None
 
 
 def step_runner(num_static: int):

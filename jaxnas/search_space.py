@@ -322,7 +322,7 @@ class Supernet:
     h, stem_s = cells.stem_apply(params['stem'], stats['stem'], h, train)
 
     options = dict(primitives=self.space.primitives, steps=self.steps, multiplier=self.multiplier, train=train,
-                   depthwise=self.depthwise)
+                   depthwise=ops.resolve_depthwise(self.depthwise, supernet=True))
     plan, s0, s1 = self.plan, h, h
     cell_s, features = [None] * len(plan), []
     for run in _stages(plan):

@@ -49,6 +49,24 @@ def test_counts_by_hand_on_a_tiny_network():
   assert analysis.count_macs(net) == macs
 
 
+@pytest.mark.parametrize('groups,c_out', [(1, 12), (8, 8)])
+def test_jaxpr_macs_of_a_training_step(groups, c_out):
+  """The FLOP count of the GPU benchmarks: a conv's gradient w.r.t. input and weights costs two more passes
+  of its forward MACs (dense and depthwise), and a scanned body counts ``length`` times."""
+  import jax  # pylint: disable=g-import-not-at-top
+  x, w = np.ones((4, 16, 16, 8), np.float32), np.ones((3, 3, 8 // groups, c_out), np.float32)
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), [(1, 1)] * 2, feature_group_count=groups,
+                                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  forward = 4 * 16 * 16 * c_out * 9 * (8 // groups)   # output elements x (k*k*c_in/groups)
+  assert analysis.jaxpr_macs(jax.make_jaxpr(conv)(x, w).jaxpr) == forward
+  step = jax.grad(lambda x, w: conv(x, w).sum(), argnums=(0, 1))
+  assert analysis.jaxpr_macs(jax.make_jaxpr(step)(x, w).jaxpr) == 3 * forward
+  if groups == 8:
+    scanned = lambda x, w: jax.lax.scan(lambda h, _: (conv(h, w), None), x, None, length=5)[0]
+    scanned_step = jax.grad(lambda x, w: scanned(x, w).sum(), argnums=(0, 1))
+    assert analysis.jaxpr_macs(jax.make_jaxpr(scanned_step)(x, w).jaxpr) == 15 * forward
+
+
 def test_supernet_counts_every_op():
   net = search_space.Supernet(init_channels=4, layers=5)
   alphas = net.init_alphas(np.random.default_rng(0).integers(0, 2**31, 2, dtype=np.uint32))

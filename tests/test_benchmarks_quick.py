@@ -41,9 +41,10 @@ def test_supernet_step_quick():
 
 
 def test_eval_train_step_quick(tmp_path):
+  """The PGD-1 adversarial training step of ``jaxnas.train`` against the PyTorch reference's."""
   out = tmp_path / 'results.jsonl'
-  (r,) = _run('benchmarks.eval_train_step', '--json-out', str(out))
-  assert r['genotype'] == 'DARTS_V2' and r['layers'] == 5
+  (r,) = _run('benchmarks.eval_train_step', '--pgd-steps', '1', '--json-out', str(out))
+  assert r['genotype'] == 'DARTS_V2' and r['layers'] == 5 and r['pgd_steps'] == 1
   assert json.loads(out.read_text())['step_s'] == r['step_s']
 
 

@@ -152,6 +152,15 @@ def test_against_torch(x64):
                              ref.transpose(0, 2, 3, 1), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize('backend,supernet,expected', [
+    ('cpu', False, 'shift'), ('cpu', True, 'shift'), ('gpu', False, 'grouped'), ('gpu', True, 'shift'),
+    ('tpu', False, 'grouped'), ('tpu', True, 'grouped')])
+def test_auto_formulation_by_backend_and_network(monkeypatch, backend, supernet, expected):
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  assert ops.resolve_depthwise('auto', supernet=supernet) == expected
+  assert ops.resolve_depthwise('autodiff', supernet=supernet) == 'autodiff'   # an explicit choice stays
+
+
 def test_unknown_formulation():
   with pytest.raises(ValueError, match="unknown depthwise formulation 'fast'"):
     ops.resolve_depthwise('fast')
