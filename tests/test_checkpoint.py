@@ -140,24 +140,31 @@ def test_sigkill_during_save_keeps_a_valid_latest_checkpoint(tmp_path):
   """
   directory = tmp_path / 'ckpt'
   target = {'w': jnp.zeros((4_000_000,), jnp.float32), 'step': 0}
-  for delay in [0.0, 0.03]:  # Kill as soon as a save starts, and some way into it.
-    before = checkpoint.latest_step(directory) or 0
-    proc = _python(writer, directory, before + 1, stderr=subprocess.DEVNULL)
-    killed_mid_save = False
-    deadline = time.time() + 60
-    while not killed_mid_save and time.time() < deadline and proc.poll() is None:
-      in_progress = directory.is_dir() and any('tmp' in name for name in os.listdir(directory))
-      # Wait for one finished step of this writer, then for a save in progress.
-      if in_progress and (checkpoint.latest_step(directory) or 0) > before:
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        killed_mid_save = True
-      time.sleep(0.002)
-    proc.kill()
-    proc.wait()
-    assert killed_mid_save, f'the writer (delay {delay}) was not caught during a save'
-    assert any('tmp' in name for name in os.listdir(directory)), 'the save was not interrupted'
-    step = checkpoint.latest_step(directory)
+  # Finished steps, read from the directory names: the writer deletes old steps while this polls.
+  last_finished = lambda: max([int(n) for n in os.listdir(directory) if n.isdigit()] or [0])
+  for delay in [0.0, 0.01]:  # Kill as soon as a save starts, and some way into it.
+    # A save takes ~50 ms: a kill can land just after one ends; such a try is repeated.
+    for _ in range(10):
+      before = last_finished() if directory.is_dir() else 0
+      proc = _python(writer, directory, before + 1, stderr=subprocess.DEVNULL)
+      killed_mid_save = False
+      deadline = time.time() + 60
+      while not killed_mid_save and time.time() < deadline and proc.poll() is None:
+        in_progress = directory.is_dir() and any('tmp' in name for name in os.listdir(directory))
+        # Wait for one finished step of this writer, then for a save in progress.
+        if in_progress and last_finished() > before:
+          time.sleep(delay)
+          proc.send_signal(signal.SIGKILL)
+          killed_mid_save = True
+        time.sleep(0.002)
+      proc.kill()
+      proc.wait()
+      assert killed_mid_save, f'the writer (delay {delay}) was not caught during a save'
+      step = checkpoint.latest_step(directory)
+      if (directory / f'{step + 1}.orbax-checkpoint-tmp').exists():  # the save after `step` was cut short
+        break
+    else:
+      raise AssertionError(f'no kill (delay {delay}) landed inside a save in 10 tries')
     assert step > before
     restored = checkpoint.restore_checkpoint(directory, target)
     assert restored['step'] == step
