@@ -18,13 +18,14 @@ import sys
 import time
 from typing import Callable, Sequence
 
-# PyTorch's reference shares the GPU with jaxnas in the same process: JAX must not take 75% of its memory
-# up front (read when JAX starts its GPU client, after this import).
-os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
-
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
 
 from jaxnas import analysis, ops, parallel
+
+# Read when JAX starts its GPU client, after this import. PyTorch's reference shares the GPU with jaxnas in
+# the same process: JAX must not take 75% of its memory up front.
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+parallel.set_gpu_xla_flags()
 
 # Dense peak FLOP/s per device kind for the 'fraction of peak' figure (vendor data sheets, SXM parts):
 # float32 work runs on TF32 tensor cores under XLA's default matmul precision on these GPUs.

@@ -136,6 +136,7 @@ def parse_flags(argv):
 
 def main(argv) -> int:
   """Runs ``config.mode`` (flags already parsed)."""
+  parallel.set_gpu_xla_flags()  # before JAX starts its backends
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # JAX's start-up INFO lines are noise on the console
   if len(argv) > 1:

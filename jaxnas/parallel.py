@@ -28,6 +28,9 @@ from orbax.checkpoint import multihost as ocp_multihost
 DATA_AXIS = 'data'
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 BARRIER_TIMEOUT_S = 3600  # the slowest process's compile of a step
+# XLA:GPU of jaxlib 0.11 aborts the compile when it fuses the 1x1 convs' strided matrix products into Triton
+# GEMMs (triton_tiling_propagation.cc: Check failed: subdim_size_accumulator == dim_size): cuBLAS runs them.
+GPU_OPTIONS = {'xla_gpu_enable_triton_gemm': False}
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -54,14 +57,23 @@ def compiler_options() -> dict | None:
   """XLA options of the training loops' steps on the current backend.
 
   XLA:CPU: LLVM at optimisation level 1 instead of 2; the DARTS supernet step compiles ~25% faster at the
-  same step time (benchmarks/RESULTS.md). XLA:GPU: matrix products through cuBLAS, not Triton GEMM fusions
-  (jaxlib 0.11's Triton tiling pass aborts the compile on the 1x1 convs' strided matrix products:
-  ``triton_tiling_propagation.cc Check failed: subdim_size_accumulator == dim_size``). TPU: XLA's defaults.
+  same step time (benchmarks/RESULTS.md). XLA:GPU: ``GPU_OPTIONS``. TPU: XLA's defaults.
   """
   backend = jax.default_backend()
   if backend == 'cpu':
     return {'xla_backend_optimization_level': 1}
-  return {'xla_gpu_enable_triton_gemm': False} if backend == 'gpu' else None
+  return dict(GPU_OPTIONS) if backend == 'gpu' else None
+
+
+def set_gpu_xla_flags() -> None:
+  """Adds ``GPU_OPTIONS`` to ``XLA_FLAGS`` (those the user has not set there), so that every jitted function
+  of the process gets them, not only the steps; effective when called before JAX starts its backends (the
+  CLI does). XLA on other backends accepts and ignores them."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  for name, value in GPU_OPTIONS.items():
+    if f'--{name}=' not in flags:
+      flags = f'{flags} --{name}={str(value).lower()}'
+  os.environ['XLA_FLAGS'] = flags.strip()
 
 
 def step_runner(num_static: int):

@@ -60,3 +60,22 @@ def test_mesh_errors():
     parallel.make_mesh(99)
   mesh = parallel.make_mesh()
   assert parallel.check_batch_size(8, mesh) == 8 // mesh.devices.size
+
+
+def test_gpu_xla_flags_added_once_and_never_override_the_user(monkeypatch):
+  from jaxnas import parallel  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+  parallel.set_gpu_xla_flags()
+  parallel.set_gpu_xla_flags()
+  assert os.environ['XLA_FLAGS'] == ('--xla_force_host_platform_device_count=2 '
+                                     '--xla_gpu_enable_triton_gemm=false')
+  monkeypatch.setenv('XLA_FLAGS', '--xla_gpu_enable_triton_gemm=true')
+  parallel.set_gpu_xla_flags()
+  assert os.environ['XLA_FLAGS'] == '--xla_gpu_enable_triton_gemm=true'
+  monkeypatch.delenv('XLA_FLAGS')
+  parallel.set_gpu_xla_flags()
+  assert os.environ['XLA_FLAGS'] == '--xla_gpu_enable_triton_gemm=false'
+  # XLA on the CPU accepts the flag: a fresh process computes with it.
+  out = subprocess.run([sys.executable, '-c', 'import jax.numpy as jnp; print(float((jnp.ones(3) @ jnp.ones(3))))'],
+                       capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300)
+  assert out.returncode == 0 and out.stdout.strip() == '3.0', out.stderr[-2000:]
