@@ -94,8 +94,7 @@ def run(args, torch) -> dict:
     device = common.torch_device(torch)
     model, t_step = torch_setup(torch, genotype, C, L, args.drop_path, args.pgd_steps, args.eps,
                                 images.transpose(0, 3, 1, 2).copy(), labels.astype(np.int64), device)
-    variables = interop.from_torch_state_dict({k: v.cpu() for k, v in model.state_dict().items()}, net,
-                                              input_shape=images.shape)
+    variables = interop.from_torch_state_dict(model.state_dict(), net, input_shape=images.shape)
   else:
     variables = net.init(jax.random.PRNGKey(0), jnp.zeros(images.shape, jnp.float32))
   params = variables['params']

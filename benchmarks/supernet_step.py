@@ -67,8 +67,7 @@ def run(args, cells, torch) -> dict:
     device = common.torch_device(torch)
     model, t_alphas, t_step = torch_setup(torch, C, cells, x.transpose(0, 3, 1, 2).copy(), y.astype(np.int64),
                                           device)
-    variables = interop.from_torch_state_dict({k: v.cpu() for k, v in model.state_dict().items()}, net,
-                                              input_shape=x.shape)
+    variables = interop.from_torch_state_dict(model.state_dict(), net, input_shape=x.shape)
     alphas = {t: jnp.asarray(a.detach().cpu().numpy()) for t, a in t_alphas.items()}
   else:
     variables = net.init(jax.random.PRNGKey(0), jnp.asarray(x))

@@ -52,7 +52,8 @@ def resolve_depthwise(depthwise: str, supernet: bool = False) -> str:
   'shift': shifted multiply-adds with hand-written VJPs whose backward pass is again a forward-style
   window sum, and hand-written VJPs for 1x1 convs and train-mode BatchNorm (fast on XLA:CPU; reverse mode
   of any order, no forward mode). 'autodiff': the same sums with plain JAX autodiff (every AD mode, e.g.
-  ``jax.jvp`` for exact Hessian-vector products; slower gradients). 'grouped': ``feature_group_count`` convolutions (vendor kernels on GPU/TPU).
+  ``jax.jvp`` for exact Hessian-vector products; slower gradients). 'grouped': ``feature_group_count``
+  convolutions (vendor kernels on GPU/TPU).
   """
   if depthwise == 'auto':
     backend = jax.default_backend()
