@@ -138,8 +138,9 @@ def time_jax(fn: Callable, args: Sequence, repeats: int, warmup: int, dtype: str
 def step_flops(fn: Callable, *args) -> float:
   """FLOPs of one call of ``fn``: 2 x the multiply-accumulates of its convolutions and matrix products
   (``analysis.jaxpr_macs`` on its jaxpr: backward passes and attacks included, a scan's body ``length``
-  times). XLA's cost analysis counts a while loop's body once, so it undercounts scanned cells and edges."""
-  return 2.0 * analysis.jaxpr_macs(jax.make_jaxpr(fn)(*args).jaxpr)
+  times; a conditional its branch taken where small constants decide it, else its largest branch). XLA's
+  cost analysis counts a while loop's body once, so it undercounts scanned cells and edges."""
+  return 2.0 * analysis.jaxpr_macs(jax.make_jaxpr(fn)(*args))
 
 
 def flops_fields(flops: float, step_s: float, dtype: str = 'float32') -> dict:

@@ -32,7 +32,7 @@ def count_params(net_or_params, input_shape=(1, 32, 32, 3), include_aux: bool = 
 
 def _sub_jaxprs(value):
   if isinstance(value, jex_core.ClosedJaxpr):
-    yield value.jaxpr
+    yield value
   elif isinstance(value, jex_core.Jaxpr):
     yield value
   elif isinstance(value, (tuple, list)):
@@ -40,12 +40,34 @@ def _sub_jaxprs(value):
       yield from _sub_jaxprs(v)
 
 
-def jaxpr_macs(jaxpr) -> int:
-  """Multiply-accumulates of every ``conv_general_dilated`` and ``dot_general`` in a jaxpr (scans count
-  ``length`` times)."""
+_FOLD_SIZE = 4096  # elements: small constants (edge flags, indices) are evaluated, nothing large
+
+
+def _open(sub, args):
+  """A sub-jaxpr and what is known of its inputs: its own constants, and the caller's ``args`` (None:
+  unknown) when they map one to one onto its inputs."""
+  jaxpr, consts = (sub.jaxpr, sub.consts) if isinstance(sub, jex_core.ClosedJaxpr) else (sub, [])
+  known = {v: np.asarray(c) for v, c in zip(jaxpr.constvars, consts) if np.size(c) <= _FOLD_SIZE}
+  if len(args) == len(jaxpr.invars):
+    known.update({v: a for v, a in zip(jaxpr.invars, args) if a is not None})
+  return jaxpr, known
+
+
+def jaxpr_macs(jaxpr, known=None) -> int:
+  """Multiply-accumulates of every ``conv_general_dilated`` and ``dot_general`` in a jaxpr (a
+  ``ClosedJaxpr`` or a ``Jaxpr``; scans count ``length`` times).
+
+  Small constants are folded through the program (``known``: values of some input variables), so a
+  conditional whose index they decide counts its branch taken, also per iteration of a scan over constant
+  flags (the supernet's inactive edges); any other conditional counts its largest branch.
+  """
+  if isinstance(jaxpr, jex_core.ClosedJaxpr):
+    jaxpr, known = _open(jaxpr, [])
+  env = dict(known or {})
+  read = lambda v: np.asarray(v.val) if isinstance(v, jex_core.Literal) else env.get(v)
   total = 0
   for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
+    name, ins = eqn.primitive.name, [read(v) for v in eqn.invars]
     if name == 'conv_general_dilated':
       rhs = eqn.invars[1].aval.shape
       out_feature_dim = eqn.params['dimension_numbers'].rhs_spec[0]
@@ -54,11 +76,41 @@ def jaxpr_macs(jaxpr) -> int:
       (lhs_contract, _), _ = eqn.params['dimension_numbers']
       lhs = eqn.invars[0].aval.shape
       total += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
+    elif name == 'cond':
+      branches = eqn.params['branches']
+      if ins[0] is not None:
+        total += jaxpr_macs(*_open(branches[int(np.clip(ins[0], 0, len(branches) - 1))], ins[1:]))
+      else:
+        total += max(jaxpr_macs(*_open(b, ins[1:])) for b in branches)
+    elif name == 'scan':
+      total += _scan_macs(eqn.params, ins)
+    elif not any(_sub_jaxprs(list(eqn.params.values()))):
+      if all(a is not None for a in ins) and all(math.prod(v.aval.shape) <= _FOLD_SIZE for v in eqn.outvars):
+        with jax.ensure_compile_time_eval():
+          outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+        outs = outs if eqn.primitive.multiple_results else [outs]
+        env.update({v: np.asarray(o) for v, o in zip(eqn.outvars, outs)})
     else:
-      repeat = eqn.params.get('length', 1) if name == 'scan' else 1
       for value in eqn.params.values():
         for sub in _sub_jaxprs(value):
-          total += repeat * jaxpr_macs(sub)
+          total += jaxpr_macs(*_open(sub, ins))
+  return total
+
+
+def _scan_macs(params, ins) -> int:
+  """A scan's MACs: ``length`` times its body's, or the sum over iterations when constant per-iteration
+  inputs are known (each distinct iteration counted once)."""
+  n_consts, n_carry, length = params['num_consts'], params['num_carry'], params['length']
+  consts, xs = ins[:n_consts], ins[n_consts + n_carry:]
+  if all(x is None for x in xs):
+    return length * jaxpr_macs(*_open(params['jaxpr'], consts + [None] * (len(ins) - n_consts)))
+  counts, total = {}, 0
+  for t in range(length):
+    x_t = [None if x is None else x[t] for x in xs]
+    key = tuple(None if x is None else x.tobytes() for x in x_t)
+    if key not in counts:
+      counts[key] = jaxpr_macs(*_open(params['jaxpr'], consts + [None] * n_carry + x_t))
+    total += counts[key]
   return total
 
 
@@ -74,4 +126,4 @@ def count_macs(net, input_shape=(1, 32, 32, 3), alphas=None) -> int:
   if alphas is None and hasattr(net, 'init_alphas'):
     alphas = net.init_alphas(jax.random.PRNGKey(0))
   fn = (lambda v, x: net.apply(v, alphas, x)) if alphas is not None else (lambda v, x: net.apply(v, x))
-  return jaxpr_macs(jax.make_jaxpr(fn)(variables, x).jaxpr)
+  return jaxpr_macs(jax.make_jaxpr(fn)(variables, x))

@@ -5,10 +5,11 @@ The architecture parameters (alphas) are a separate pytree ``{cell_type: (n_edge
 gradients.
 
 Speed: a cell's edge weights are stacked, and its edges run as one ``lax.scan`` in node-major order over a
-buffer of states, so the compiled program holds one mixed-op body per cell (two in a reduction cell: its
-stride-2 edges form a second scan); a stage's normal cells run under one ``lax.scan`` (``search_stage``), so
-the program holds the same 5 cell bodies at any depth. The mixed op is traced once per distinct shape and
-rematerialised in the backward pass.
+buffer of states, one mixed-op body for all of them, each edge under a ``lax.cond`` on whether it is active.
+A stage's normal cells run under one ``lax.scan`` (``search_stage``). A reduction cell's stride-2 edges form
+a second scan; its stride-1 edges have the shapes of the next stage's edges and run as that stage's first
+iteration, with the cell's input edges inactive. So from 5 cells on, the program holds five mixed-op bodies
+at any depth. The mixed op is traced once per distinct shape and rematerialised in the backward pass.
 """
 from __future__ import annotations
 
@@ -136,57 +137,104 @@ def _read_state_bwd(res, g):
 _read_state.defvjp(_read_state_fwd, _read_state_bwd)
 
 
-def _scan_edges(run, params, stats, weights, buffer, sources, targets, read, inputs=None):
-  """Runs edges in order under ``lax.scan``: buffer[t] += mixed_op(states[s]), with ``states`` the buffer
-  itself (node-major order guarantees every state an edge reads is complete) or the fixed ``inputs``. One
-  mixed-op body is compiled for all the edges. ``read(states, index)`` reads a state (``_read_state`` for the
-  reverse-mode-only 'shift' formulation).
+def _skippable(run):
+  """``run(p, s, x, w)`` for an ``active`` edge, else zeros and the statistics unchanged, under ``lax.cond``.
+
+  Inactive edges let a reduction cell's stride-1 edges share a normal cell's scan (``search_stage``). The
+  conditional also shortens compilation: XLA's while-loop passes see one instruction per edge instead of the
+  mixed op's ~1000 (8-cell supernet step: HLO passes 14.3 -> 10.4 s, tracing 1.5 s shorter; same step
+  time; benchmarks/RESULTS.md)."""
+  def edge(p, s, x, w, active):
+    out = jax.eval_shape(run, p, s, x, w)[0]
+    skip = lambda p, s, x, w: (jnp.zeros(out.shape, out.dtype), s)
+    return jax.lax.cond(active, run, skip, p, s, x, w)
+  return edge
+
+
+def _scan_edges(run, params, stats, weights, active, buffer, sources, targets, read, inputs=None):
+  """Runs edges in order under ``lax.scan``: buffer[t] += mixed_op(states[s]) for every ``active`` edge, with
+  ``states`` the buffer itself (node-major order guarantees every state an edge reads is complete) or the
+  fixed ``inputs``. One mixed-op body is compiled for all the edges. ``read(states, index)`` reads a state
+  (``_read_state`` for the reverse-mode-only 'shift' formulation).
 
   The mixed op is rematerialised in the backward pass (``jax.checkpoint``): the scan then stores only each
   edge's input, where stacking every primitive's intermediate values per edge cost more than recomputing
   the forward pass (about 10% of a cell's step at batch 32 on XLA:CPU), and uses far less memory."""
   def body(buf, xs):
-    p, s, w, src, dst = xs
-    y, new_s = jax.checkpoint(run)(p, s, read(buf if inputs is None else inputs, src), w)
+    p, s, w, on, src, dst = xs
+    y, new_s = jax.checkpoint(_skippable(run))(p, s, read(buf if inputs is None else inputs, src), w, on)
     return buf.at[dst].add(y), new_s
-  xs = (params, stats, weights, jnp.asarray(sources), jnp.asarray(targets))
+  xs = (params, stats, weights, jnp.asarray(active), jnp.asarray(sources), jnp.asarray(targets))
   return jax.lax.scan(body, buffer, xs)
 
 
-def search_cell(spec: cells.CellSpec, params, stats, s0, s1, weights, **options):
-  """A DARTS search cell: preprocessing of the two inputs, then ``cell_edges``."""
-  s0, s1, new_stats = cells.preprocess(spec, params, stats, s0, s1, options['train'])
-  out, new_stats['edges'] = cell_edges(spec.reduction, params['edges'], stats['edges'], s0, s1, weights, **options)
-  return out, new_stats
-
-
-def cell_edges(reduction: bool, params, stats, s0, s1, weights, *, primitives, steps, multiplier, train,
-               depthwise):
-  """Node i = sum of mixed ops over all earlier states (DARTS Eq. 1); the cell output concatenates the last
-  ``multiplier`` nodes. ``s0``, ``s1``: the preprocessed inputs."""
-  edges = genotypes.edge_index(steps)
-  run = lambda stride: functools.partial(_traced_mixed_op, primitives=tuple(primitives), stride=stride,
-                                         train=train, depthwise=depthwise)
+def _edge_runner(stride, primitives, train, depthwise):
+  run = functools.partial(_traced_mixed_op, primitives=tuple(primitives), stride=stride, train=train,
+                          depthwise=depthwise)
   read = _read_state if ops.resolve_depthwise(depthwise) == 'shift' else lambda buf, index: buf[index]
-  if reduction:
-    # The 8 stride-2 edges read the cell inputs and add into the nodes; then the 6 stride-1 edges between
-    # intermediate nodes: two scans, so two mixed-op bodies (a vmap over the stride-2 edges made the first
-    # reduction cell's step 4x slower on XLA:CPU at batch 32).
-    first = [(e, i, j) for e, (i, j) in enumerate(edges) if j < 2]
-    rest = [(e, i, j) for e, (i, j) in enumerate(edges) if j >= 2]
-    half = (s1.shape[0], (s1.shape[1] + 1) // 2, (s1.shape[2] + 1) // 2, s1.shape[3])
-    nodes, st0 = _scan_edges(run(2), params[0], stats[0], weights[np.array([e for e, _, _ in first])],
-                             jnp.zeros((steps,) + half, s1.dtype), [j for _, _, j in first],
-                             [i for _, i, _ in first], read, inputs=jnp.stack([s0, s1]))
-    nodes, st1 = _scan_edges(run(1), params[1], stats[1], weights[np.array([e for e, _, _ in rest])], nodes,
-                             [j - 2 for _, _, j in rest], [i for _, i, _ in rest], read)
-    new_stats = [st0, st1]
-  else:
-    buffer = jnp.concatenate([jnp.stack([s0, s1]), jnp.zeros((steps,) + s1.shape, s1.dtype)])
-    buffer, new_stats = _scan_edges(run(1), params, stats, weights, buffer, [j for _, j in edges],
-                                    [i + 2 for i, _ in edges], read)
-    nodes = buffer[2:]
-  return jnp.concatenate(list(nodes[steps - multiplier:]), axis=-1), new_stats
+  return run, read
+
+
+def cell_edges(params, stats, buffer, weights, active, *, primitives, steps, multiplier, train, depthwise):
+  """Node i = sum of mixed ops over all earlier states (DARTS Eq. 1), stride 1, over ``buffer`` =
+  [s0, s1, node_0, ..., node_{steps-1}] (the preprocessed inputs, then zeros or, for a reduction cell, the
+  sums of its stride-2 edges); edges not ``active`` add nothing. Returns the concatenation of the last
+  ``multiplier`` nodes (the cell output) and the edges' statistics."""
+  edges = genotypes.edge_index(steps)
+  run, read = _edge_runner(1, primitives, train, depthwise)
+  buffer, new_stats = _scan_edges(run, params, stats, weights, active, buffer, [j for _, j in edges],
+                                  [i + 2 for i, _ in edges], read)
+  return jnp.concatenate(list(buffer[2 + steps - multiplier:]), axis=-1), new_stats
+
+
+def _input_edges(steps):
+  """Indices of the edges from the cell inputs (stride 2 in a reduction cell), and of those between nodes."""
+  edges = genotypes.edge_index(steps)
+  return (np.array([e for e, (_, j) in enumerate(edges) if j < 2]),
+          np.array([e for e, (_, j) in enumerate(edges) if j >= 2]))
+
+
+def reduction_start(spec: cells.CellSpec, params, stats, s0, s1, weights, *, primitives, steps, multiplier,
+                    train, depthwise):
+  """A reduction cell's preprocessing and its stride-2 edges from the two inputs (a second scan, a second
+  mixed-op body; a vmap over them made the first reduction cell's step 4x slower on XLA:CPU at batch 32).
+  Returns ``cell_edges``' buffer [0, 0, nodes] and the statistics so far; its stride-1 edges between nodes
+  then run with the next stage's cells (``reduction_pending``)."""
+  del multiplier
+  s0, s1, new_stats = cells.preprocess(spec, params, stats, s0, s1, train)
+  edges, (first, _) = genotypes.edge_index(steps), _input_edges(steps)
+  run, read = _edge_runner(2, primitives, train, depthwise)
+  half = (s1.shape[0], (s1.shape[1] + 1) // 2, (s1.shape[2] + 1) // 2, s1.shape[3])
+  buffer, edge_stats = _scan_edges(run, params['edges'][0], stats['edges'][0], weights[first],
+                                   np.ones(len(first), bool), jnp.zeros((steps + 2,) + half, s1.dtype),
+                                   [edges[e][1] for e in first], [edges[e][0] + 2 for e in first], read,
+                                   inputs=jnp.stack([s0, s1]))
+  new_stats['edges'] = [edge_stats]
+  return buffer, new_stats
+
+
+def reduction_pending(params, stats, buffer, weights, steps) -> dict:
+  """A started reduction cell's stride-1 edges laid out as a normal cell's (``cell_edges``): their weights and
+  statistics at their edges' places, zeros at the (inactive) input edges'."""
+  n_edges = len(genotypes.edge_index(steps))
+  _, rest = _input_edges(steps)
+  place_leaf = lambda a: jnp.zeros((n_edges,) + a.shape[1:], a.dtype).at[rest].set(a)
+  place = lambda tree: jax.tree.map(place_leaf, tree)
+  return {'buffer': buffer, 'params': place(params['edges'][1]), 'stats': place(stats['edges'][1]),
+          'weights': weights, 'active': np.isin(np.arange(n_edges), rest)}
+
+
+def reduction_finish(pending, **options):
+  """A started reduction cell's stride-1 edges on their own (when no normal cell follows it)."""
+  out, edge_stats = cell_edges(pending['params'], pending['stats'], pending['buffer'], pending['weights'],
+                               pending['active'], **options)
+  return out, edge_stats
+
+
+def _node_edge_stats(edge_stats, steps):
+  """The stride-1 edges' entries of a reduction cell's statistics in a normal cell's layout."""
+  _, rest = _input_edges(steps)
+  return jax.tree.map(lambda a: a[rest], edge_stats)
 
 
 def _stages(plan: Sequence[cells.CellSpec]) -> list[list[int]]:
@@ -211,7 +259,7 @@ def _pad_channels(x, width):
   return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
 
 
-def search_stage(specs, params, stats, s0, s1, weights, *, remat, collect, **options):
+def search_stage(specs, params, stats, s0, s1, weights, *, remat, pending=None, **options):
   """A stage's normal cells under one ``lax.scan``, so the compiled program holds one normal-cell body per
   stage whatever the depth.
 
@@ -223,8 +271,15 @@ def search_stage(specs, params, stats, s0, s1, weights, *, remat, collect, **opt
   and their 1x1 kernels are zero-padded to one width (exactly the same sums). The last iteration's
   look-ahead reuses that cell's ``preprocess1`` and is discarded.
 
-  Returns ``(s0, s1, new_stats, outputs)`` with the states the next cell reads and the cells' outputs
-  (``collect``) in order.
+  With a ``pending`` reduction cell (``reduction_pending``; then ``s1`` is unused) the scan's first iteration
+  runs its stride-1 edges, which have the shapes of this stage's edges, in the same body: its buffer and
+  weights replace the cell's, only those edges are active, and its preprocessing and look-ahead are skipped
+  (``lax.cond``; zero kernels stand in for their weights). So a supernet compiles five mixed-op bodies, not
+  seven.
+
+  Returns ``(s0, s1, new_stats, outputs, pending_stats)`` with the states the next cell reads, the cells'
+  outputs in order (the pending reduction cell's first), and the pending cell's stride-1 edges'
+  statistics (a normal cell's layout; None without one).
   """
   n, train = len(specs), options['train']
   width = max([options['multiplier'] * specs[0].c] + [spec.c_prev for spec in specs]
@@ -232,26 +287,44 @@ def search_stage(specs, params, stats, s0, s1, weights, *, remat, collect, **opt
   q, st_first = cells.preprocess0(specs[0], params[0], stats[0], s0, train)
   look_ahead = [k + 1 if k + 1 < n else k for k in range(n)]
   look_key = ['preprocess0' if k + 1 < n else 'preprocess1' for k in range(n)]
-  xs = (cells.stack_trees([_pad_inputs(p['preprocess1'], width) for p in params]),
-        cells.stack_trees([s['preprocess1'] for s in stats]),
-        cells.stack_trees([p['edges'] for p in params]), cells.stack_trees([s['edges'] for s in stats]),
-        cells.stack_trees([_pad_inputs(params[j][key], width) for j, key in zip(look_ahead, look_key)]),
-        cells.stack_trees([stats[j][key] for j, key in zip(look_ahead, look_key)]))
+  cols = [[_pad_inputs(p['preprocess1'], width) for p in params], [s['preprocess1'] for s in stats],
+          [p['edges'] for p in params], [s['edges'] for s in stats], [weights] * n,
+          [np.ones(len(weights), bool)] * n,
+          [_pad_inputs(params[j][key], width) for j, key in zip(look_ahead, look_key)],
+          [stats[j][key] for j, key in zip(look_ahead, look_key)]]
+  if pending is None:
+    r = _pad_channels(s1, width)
+  else:
+    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+    first = [zeros(cols[0][0]), cols[1][0], pending['params'], pending['stats'], pending['weights'],
+             pending['active'], zeros(cols[6][0]), cols[7][0]]
+    cols = [[f] + col for f, col in zip(first, cols)]
+    r = jnp.zeros(pending['buffer'].shape[1:4] + (width,), q.dtype)
+  offset = 0 if pending is None else 1
+  xs = tuple(cells.stack_trees(col) for col in cols) + (jnp.arange(n + offset) < offset,)
 
   def body(carry, xs):
     q, r = carry
-    p1_params, p1_stats, edge_params, edge_stats, next_params, next_stats = xs
-    p1, st1 = ops.relu_conv_bn(p1_params, p1_stats, r, train)
-    out, edge_st = cell_edges(False, edge_params, edge_stats, q, p1, weights, **options)
-    q_next, next_st = ops.relu_conv_bn(next_params, next_stats, r, train)
+    p1_params, p1_stats, edge_params, edge_stats, w, active, next_params, next_stats, finishing = xs
+    rcb = lambda params, stats, default: ops.relu_conv_bn(params, stats, r, train)
+    if pending is not None:  # the pending cell's iteration skips the preprocessing
+      rcb = functools.partial(jax.lax.cond, finishing, lambda params, stats, default: (default, stats), rcb)
+    p1, st1 = rcb(p1_params, p1_stats, jnp.zeros_like(q))
+    buffer = jnp.concatenate([jnp.stack([q, p1]), jnp.zeros((options['steps'],) + p1.shape, p1.dtype)])
+    buffer = buffer if pending is None else jnp.where(finishing, pending['buffer'], buffer)
+    out, edge_st = cell_edges(edge_params, edge_stats, buffer, w, active, **options)
+    q_next, next_st = rcb(next_params, next_stats, q)
     return (q_next, _pad_channels(out, width)), (st1, edge_st, next_st, out)
 
   body = jax.checkpoint(body) if remat else body
-  _, (st1, edge_st, next_st, outs) = jax.lax.scan(body, (q, _pad_channels(s1, width)), xs)
-  next_st = [st_first] + cells.unstack_tree(next_st, n)[:-1]  # cell k's preprocess0 ran in iteration k - 1
+  _, (st1, edge_st, next_st, outs) = jax.lax.scan(body, (q, r), xs)
+  st1, edge_st = cells.unstack_tree(st1, n + offset)[offset:], cells.unstack_tree(edge_st, n + offset)
+  next_st = [st_first] + cells.unstack_tree(next_st, n + offset)[offset:-1]  # cell k's ran in iteration k - 1
   new_stats = [{'preprocess0': p0, 'preprocess1': p1, 'edges': e}
-               for p0, p1, e in zip(next_st, cells.unstack_tree(st1, n), cells.unstack_tree(edge_st, n))]
-  return (s1 if n == 1 else outs[n - 2]), outs[n - 1], new_stats, ([outs[k] for k in range(n)] if collect else [])
+               for p0, p1, e in zip(next_st, st1, edge_st[offset:])]
+  outs = [outs[k] for k in range(n + offset)]
+  s0_next = s1 if len(outs) == 1 else outs[-2]
+  return s0_next, outs[-1], new_stats, outs, (edge_st[0] if offset else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,21 +397,34 @@ class Supernet:
     options = dict(primitives=self.space.primitives, steps=self.steps, multiplier=self.multiplier, train=train,
                    depthwise=ops.resolve_depthwise(self.depthwise, supernet=True))
     plan, s0, s1 = self.plan, h, h
-    cell_s, features = [None] * len(plan), []
+    cell_s, features, pending = [None] * len(plan), [], None
+
+    def finish(out, node_stats):  # the pending reduction cell's output and statistics
+      cell_s[pending['index']]['edges'].append(_node_edge_stats(node_stats, self.steps))
+      features.append(out)
+      return out
+
     for run in _stages(plan):
-      p, s = [params['cells'][i] for i in run], [stats['cells'][i] for i in run]
-      w = weights[plan[run[0]].cell_type]
-      if plan[run[0]].reduction:
-        cell = functools.partial(search_cell, **options)
-        cell = jax.checkpoint(cell, static_argnums=(0,)) if self.remat else cell
-        out, cell_s[run[0]] = cell(plan[run[0]], p[0], s[0], s0, s1, w)
-        s0, s1, outs = s1, out, [out]
-      else:
-        s0, s1, new_s, outs = search_stage([plan[i] for i in run], p, s, s0, s1, w, remat=self.remat,
-                                           collect=return_features, **options)
-        for i, ns in zip(run, new_s):
-          cell_s[i] = ns
-      features.extend(outs if return_features else [])
+      specs, p, s = [plan[i] for i in run], [params['cells'][i] for i in run], [stats['cells'][i] for i in run]
+      if specs[0].reduction:
+        if pending is not None:  # two reductions in a row
+          s1 = finish(*reduction_finish(pending, **options))
+        start = functools.partial(reduction_start, **options)
+        start = jax.checkpoint(start, static_argnums=(0,)) if self.remat else start
+        buffer, cell_s[run[0]] = start(specs[0], p[0], s[0], s0, s1, weights['reduce'])
+        pending = dict(reduction_pending(p[0], s[0], buffer, weights['reduce'], self.steps), index=run[0])
+        s0, s1 = s1, None
+        continue
+      s0, s1, new_s, outs, node_stats = search_stage(specs, p, s, s0, s1, weights[specs[0].cell_type],
+                                                     remat=self.remat, pending=pending, **options)
+      if pending is not None:
+        finish(outs.pop(0), node_stats)
+      for i, ns in zip(run, new_s):
+        cell_s[i] = ns
+      features.extend(outs)
+      pending = None
+    if pending is not None:
+      s1 = finish(*reduction_finish(pending, **options))
     logits = cells.classifier_head(params['classifier'], s1).astype(out_dtype)
     out = (logits, {'stem': stem_s, 'cells': cell_s}) if train else (logits,)
     out = out + ([f.astype(out_dtype) for f in features],) if return_features else out

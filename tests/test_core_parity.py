@@ -2,6 +2,7 @@
 import json
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -94,7 +95,8 @@ def test_darts_search_supernet(shared_dir, dtype):
   assert derived.to_dict() == json.loads(str(d['derived_genotype_json']))
 
 
-@pytest.mark.parametrize('space,layers,multiplier', [('darts', 8, 4), ('dsara', 7, 4), ('darts', 6, 2)])
+@pytest.mark.parametrize('space,layers,multiplier', [('darts', 8, 4), ('dsara', 7, 4), ('darts', 6, 2),
+                                                     ('darts', 4, 4)])
 def test_deep_supernets_match_the_pytorch_reference(space, layers, multiplier, x64):
   """Stages of several normal cells (one ``lax.scan`` per stage: zero-padded stem, look-ahead preprocessing)
   against the reference supernet of ``benchmarks/torch_reference.py`` (itself checked against the original
@@ -132,3 +134,31 @@ def test_deep_supernets_match_the_pytorch_reference(space, layers, multiplier, x
     expected = model.eval()(t_x, t_alphas).numpy()
   assert_close(net.apply({'params': v['params'], 'batch_stats': new_stats}, alphas, jnp.asarray(
       x.transpose(0, 2, 3, 1))), expected, jnp.float64)
+
+
+def _mixed_op_scans(jaxpr) -> int:
+  """The ``lax.scan``s whose own body calls the mixed op: each is one mixed-op body in the compiled program."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    subs = list(jax.extend.core.jaxprs_in_params(eqn.params))
+    if eqn.primitive.name == 'scan':
+      count += any(_calls_mixed_op(sub) for sub in subs)
+    count += sum(_mixed_op_scans(sub) for sub in subs)
+  return count
+
+
+def _calls_mixed_op(jaxpr) -> bool:
+  return any(eqn.params.get('name') == '_traced_mixed_op'
+             or (eqn.primitive.name != 'scan' and any(map(_calls_mixed_op, jax.extend.core.jaxprs_in_params(eqn.params))))
+             for eqn in jaxpr.eqns)
+
+
+@pytest.mark.parametrize('layers', [3, 4, 8, 20])
+def test_supernet_holds_five_mixed_op_bodies_at_any_depth(layers):
+  """Three stages and the stride-2 edges of two reduction cells: a reduction cell's stride-1 edges run in the
+  next stage's scan, or on their own where no normal cell follows (3 and 4 cells), in place of a stage."""
+  net = search_space.Supernet(init_channels=4, layers=layers)
+  x = jnp.zeros((2, 16, 16, 3))
+  v, alphas = net.init(jax.random.PRNGKey(0), x), net.init_alphas(jax.random.PRNGKey(1))
+  jaxpr = jax.make_jaxpr(lambda v, a, x: net.apply(v, a, x, train=True))(v, alphas, x).jaxpr
+  assert _mixed_op_scans(jaxpr) == 5

@@ -85,12 +85,12 @@ class ScanInfo(NamedTuple):
 _MONO = {'add', 'add_any', 'pad', 'slice', 'reshape', 'transpose', 'broadcast_in_dim', 'squeeze',
          'convert_element_type', 'reduce_sum', 'select_n', 'dynamic_slice', 'dynamic_update_slice', 'gather',
          'concatenate', 'rev', 'copy', 'copy_p', 'reduce_window_sum', 'cumsum', 'split', 'stop_gradient',
-         'reduce_precision', 'sharding_constraint', 'scatter-add', 'scatter', 'stack'}
+         'reduce_precision', 'sharding_constraint', 'reshard', 'scatter-add', 'scatter', 'stack'}
 _SCALED = {'mul', 'div', 'dot_general', 'conv_general_dilated'}
 # Each output element is a single input element (times / plus an exact value): bounds pass exactly.
 _SELECT = {'pad', 'slice', 'reshape', 'transpose', 'broadcast_in_dim', 'squeeze', 'convert_element_type',
            'select_n', 'dynamic_slice', 'dynamic_update_slice', 'gather', 'concatenate', 'rev', 'copy',
-           'copy_p', 'split', 'stop_gradient', 'reduce_precision', 'sharding_constraint', 'neg', 'stack'}
+           'copy_p', 'split', 'stop_gradient', 'reduce_precision', 'sharding_constraint', 'reshard', 'neg', 'stack'}
 _ELEMENTWISE = {'add', 'add_any', 'sub', 'mul', 'div', 'neg', 'convert_element_type', 'copy', 'copy_p',
                 'stop_gradient', 'reduce_precision'}
 # Exact operands of these enter additively, so fn(0) can be nonzero.
@@ -393,7 +393,8 @@ def _window_max(x, params):
 
 
 def _size(jaxpr) -> int:
-  """Equations of a jaxpr, counting scan bodies once per iteration and inlining calls."""
+  """Equations of a jaxpr, counting scan bodies once per iteration, a conditional as its largest branch and
+  inlining calls."""
   total = 0
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
@@ -402,6 +403,8 @@ def _size(jaxpr) -> int:
       total += _size(getattr(sub, 'jaxpr', sub))
     elif name == 'scan':
       total += eqn.params['length'] * _size(eqn.params['jaxpr'].jaxpr)
+    elif name == 'cond':
+      total += max(_size(branch.jaxpr) for branch in eqn.params['branches'])
     else:
       total += 1
   return total

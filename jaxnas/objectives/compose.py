@@ -412,7 +412,7 @@ def op_costs(model, input_shape: tuple[int, ...], kind: str, network: tuple = ()
     if kind == 'params':
       return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(params))
     apply = lambda p, s, x: ops.OPS[name].apply(p, s, x, stride, False, 'grouped')[0]
-    return analysis.jaxpr_macs(jax.make_jaxpr(apply)(params, stats, jnp.zeros((1,) + hw + (c,))).jaxpr)
+    return analysis.jaxpr_macs(jax.make_jaxpr(apply)(params, stats, jnp.zeros((1,) + hw + (c,))))
 
   for spec in plan:
     for e, (_, j) in enumerate(edges):
