@@ -31,9 +31,7 @@ def count_params(net_or_params, input_shape=(1, 32, 32, 3), include_aux: bool = 
 
 
 def _sub_jaxprs(value):
-  if isinstance(value, jex_core.ClosedJaxpr):
-    yield value
-  elif isinstance(value, jex_core.Jaxpr):
+  if isinstance(value, (jex_core.ClosedJaxpr, jex_core.Jaxpr)):
     yield value
   elif isinstance(value, (tuple, list)):
     for v in value:

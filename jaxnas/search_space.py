@@ -226,9 +226,8 @@ def reduction_pending(params, stats, buffer, weights, steps) -> dict:
 
 def reduction_finish(pending, **options):
   """A started reduction cell's stride-1 edges on their own (when no normal cell follows it)."""
-  out, edge_stats = cell_edges(pending['params'], pending['stats'], pending['buffer'], pending['weights'],
-                               pending['active'], **options)
-  return out, edge_stats
+  return cell_edges(pending['params'], pending['stats'], pending['buffer'], pending['weights'],
+                    pending['active'], **options)
 
 
 def _node_edge_stats(edge_stats, steps):
