@@ -149,7 +149,8 @@ def _mixed_op_scans(jaxpr) -> int:
 
 def _calls_mixed_op(jaxpr) -> bool:
   return any(eqn.params.get('name') == '_traced_mixed_op'
-             or (eqn.primitive.name != 'scan' and any(map(_calls_mixed_op, jax.extend.core.jaxprs_in_params(eqn.params))))
+             or (eqn.primitive.name != 'scan'
+                 and any(map(_calls_mixed_op, jax.extend.core.jaxprs_in_params(eqn.params))))
              for eqn in jaxpr.eqns)
 
 
