@@ -78,7 +78,8 @@ def run(args, torch, name, logits_fn, model, x, y) -> dict:
             'n_iter': 20 if name == 'pgd20' else args.apgd_iters}
   common.log(f'{name}: jaxnas')
   timing = common.time_jax(jax_attack(name, logits_fn, args.apgd_iters),
-                           (jnp.asarray(x), jnp.asarray(y), jax.random.PRNGKey(0)), args.repeats, args.warmup)
+                           (jnp.asarray(x), jnp.asarray(y), jax.random.PRNGKey(0)), args.repeats, args.warmup,
+                           trace_dir=args.trace)
   x_adv = np.asarray(timing.pop('outputs'))
   result.update(timing, examples_per_s=len(x) / timing['step_s'])
   if torch is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import os
 import platform
@@ -26,6 +27,8 @@ from jaxnas import analysis, ops, parallel
 # the same process: JAX must not take 75% of its memory up front.
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 parallel.set_gpu_xla_flags()
+
+TRACE_STEPS = 2  # steps traced by --trace
 
 # Dense peak FLOP/s per device kind for the 'fraction of peak' figure (vendor data sheets, SXM parts):
 # float32 work runs on TF32 tensor cores under XLA's default matmul precision on these GPUs.
@@ -49,6 +52,9 @@ def parser(description: str) -> argparse.ArgumentParser:
   p.add_argument('--json-out', default=None, help='also append the JSON lines to this file')
   p.add_argument('--depthwise', default='auto', choices=('auto',) + ops.FORMULATIONS,
                  help="depthwise conv formulation of jaxnas' network (ops.resolve_depthwise; auto: per backend)")
+  p.add_argument('--trace', default=None, metavar='DIR',
+                 help=f'after timing, trace {TRACE_STEPS} steps with jax.profiler into DIR and report where the '
+                      'device time goes (device_profile)')
   return p
 
 
@@ -108,13 +114,15 @@ def _median_time(call: Callable[[], object], repeats: int, warmup: int) -> tuple
   return statistics.median(times), times
 
 
-def time_jax(fn: Callable, args: Sequence, repeats: int, warmup: int, dtype: str = 'float32') -> dict:
+def time_jax(fn: Callable, args: Sequence, repeats: int, warmup: int, dtype: str = 'float32',
+             trace_dir: str | None = None) -> dict:
   """Compile ``jax.jit(fn)`` ahead of time on ``args`` and time its steady-state execution.
 
   Compiled with the XLA options of the training loops' steps (``parallel.compiler_options``).
   ``compile_s`` = trace/lower + XLA compile; ``step_s`` = median wall time of the compiled call.
   Returns also the compiled function's outputs (``'outputs'``), its FLOPs (``step_flops``; the achieved
   fraction of peak on a known GPU) and XLA's own count (``xla_flops_per_step``: a loop body counted once).
+  With ``trace_dir`` two more steps run under ``jax.profiler.trace`` and ``device_profile`` summarises them.
   """
   jitted = fn if hasattr(fn, 'lower') else jax.jit(fn)
   t0 = time.perf_counter()
@@ -126,13 +134,71 @@ def time_jax(fn: Callable, args: Sequence, repeats: int, warmup: int, dtype: str
   log(f'compiled in {t2 - t1:.1f} s; timing {warmup} + {repeats} steps')
   outputs = block(compiled(*args))
   step_s, times = _median_time(lambda: block(compiled(*args)), repeats, warmup)
+  log(f'median step {step_s:.4g} s over {len(times)}: {", ".join(f"{t:.4g}" for t in times)}')
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   result = {'lower_s': t1 - t0, 'compile_s': t2 - t0, 'step_s': step_s, 'step_times_s': times,
             'xla_flops_per_step': float(cost.get('flops', 0.0)) if cost else None, 'outputs': outputs}
   result.update(flops_fields(step_flops(fn, *args), step_s, dtype))
   result.update(peak_memory())
+  if trace_dir:
+    result['device_profile'] = profile_steps(lambda: block(compiled(*args)), trace_dir, TRACE_STEPS)
   return result
+
+
+
+def profile_steps(call: Callable[[], object], trace_dir: str, steps: int) -> dict:
+  """Runs ``call`` ``steps`` times under ``jax.profiler.trace(trace_dir)``; returns ``device_profile`` of it."""
+  with jax.profiler.trace(trace_dir):
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      call()
+    wall = time.perf_counter() - t0
+  (path,) = sorted(glob.glob(os.path.join(trace_dir, 'plugins', 'profile', '*', '*.xplane.pb')))[-1:]
+  summary = device_profile(jax.profiler.ProfileData.from_file(path), steps)
+  summary.update(trace_file=path, wall_s_per_step=wall / steps)
+  log(f'profile: {json.dumps(summary)}')
+  return summary
+
+
+def device_profile(profile, steps: int, top: int = 12) -> dict:
+  """Where a GPU step's time goes, from a profiler trace of ``steps`` steps: kernels per step, device busy
+  time per step (the union of all streams' kernel intervals), idle gaps over 50 us between kernels (launch
+  and host-synchronisation stalls) and the kernels that take the most time. Without a GPU plane (CPU, TPU)
+  only ``{'device_planes': 0}``."""
+  spans, by_name = [], {}
+  planes = [p for p in profile.planes if p.name.startswith('/device:GPU:')]
+  for plane in planes:
+    for line in plane.lines:
+      if not line.name.startswith('Stream'):
+        continue  # 'XLA Ops' / 'XLA Modules' lines repeat the kernels' intervals
+      for e in line.events:
+        spans.append((e.start_ns, e.end_ns))
+        total, count = by_name.get(e.name, (0, 0))
+        by_name[e.name] = (total + e.duration_ns, count + 1)
+  if not spans:
+    return {'device_planes': len(planes)}
+  spans.sort()
+  busy = gaps = n_gaps = 0
+  start, end = spans[0]
+  for s, e in spans[1:]:
+    if s > end:
+      busy += end - start
+      if s - end > 50_000:
+        gaps, n_gaps = gaps + s - end, n_gaps + 1
+      start, end = s, e
+    else:
+      end = max(end, e)
+  busy += end - start
+  ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+  return {
+      'device_planes': len(planes), 'kernels_per_step': len(spans) / steps,
+      'device_busy_s_per_step': busy / steps * 1e-9,
+      'device_span_s_per_step': (spans[-1][1] - spans[0][0]) / steps * 1e-9,
+      'idle_gaps_over_50us_per_step': n_gaps / steps, 'idle_gap_s_per_step': gaps / steps * 1e-9,
+      'top_kernels': [{'name': name[:100], 's_per_step': t / steps * 1e-9, 'calls_per_step': c / steps}
+                      for name, (t, c) in ranked],
+  }
 
 
 def step_flops(fn: Callable, *args) -> float:

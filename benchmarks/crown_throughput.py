@@ -46,7 +46,7 @@ def run(args, method: str) -> dict:
   bound = lambda x: certify.margin_lower_bounds(logits_fn, x, y, args.eps, args.norm, method, box=(0.0, 1.0),
                                                 chunk_rows=args.chunk_rows)
   common.log(f'{method}: batch {B}, C={args.channels}, {args.layers} cells, {size}x{size}')
-  timing = common.time_jax(bound, (x,), args.repeats, args.warmup)
+  timing = common.time_jax(bound, (x,), args.repeats, args.warmup, trace_dir=args.trace)
   worst = np.min(np.asarray(timing.pop('outputs')), axis=1)
   return {'benchmark': 'crown_throughput', 'method': method, 'norm': args.norm, 'eps': args.eps, 'batch': B,
           'C': args.channels, 'layers': args.layers, 'size': size, 'depthwise': args.depthwise, **timing,

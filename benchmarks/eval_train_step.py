@@ -104,7 +104,7 @@ def run(args, torch) -> dict:
   step_args = (state, {'image': jnp.asarray(images), 'label': jnp.asarray(labels)},
                {'lr': jnp.float32(0.025), 'drop_path_prob': jnp.float32(args.drop_path)})
   step = lambda *a: train.train_step(recipe, *a)
-  timing = common.time_jax(step, step_args, args.repeats, args.warmup)
+  timing = common.time_jax(step, step_args, args.repeats, args.warmup, trace_dir=args.trace)
   _, metrics = timing.pop('outputs')
   result.update(timing, examples_per_s=B / timing['step_s'])
   if torch is not None:

@@ -160,6 +160,13 @@ def run(args, cells, torch) -> dict:
             'retraces': 0}  # chex.assert_max_traces(n=1) raised otherwise
   result.update(common.flops_fields(flops, step_s))
   result.update(common.peak_memory())
+  if args.trace:  # more steps of the second epoch, as timed
+    def traced_step():
+      nonlocal state
+      state, _ = run_step(arch_fn, program, phase, state, batch_at(0, 1), batch_at(1, 1), hparams)
+      state, metrics = run_step(weight_fn, program, phase, state, batch_at(0, 1), hparams)
+      return common.block(metrics)
+    result['device_profile'] = common.profile_steps(traced_step, args.trace, common.TRACE_STEPS)
   if torch is not None:
     device = common.torch_device(torch)
     t_step = torch_search_step(torch, program, phase, args.channels, cells, args.batch, args.size, device)

@@ -73,7 +73,7 @@ def run(args, cells, torch) -> dict:
     variables = net.init(jax.random.PRNGKey(0), jnp.asarray(x))
     alphas = net.init_alphas(jax.random.PRNGKey(1))
   step_args = (variables['params'], alphas, variables['batch_stats'], jnp.asarray(x), jnp.asarray(y))
-  timing = common.time_jax(make_step(net), step_args, args.repeats, args.warmup)
+  timing = common.time_jax(make_step(net), step_args, args.repeats, args.warmup, trace_dir=args.trace)
   (loss, _), _ = timing.pop('outputs')
   result.update(timing, examples_per_s=B / timing['step_s'])
   if torch is not None:

@@ -97,8 +97,13 @@ def jaxpr_macs(jaxpr, known=None) -> int:
 
 def _scan_macs(params, ins) -> int:
   """A scan's MACs: ``length`` times its body's, or the sum over iterations when constant per-iteration
-  inputs are known (each distinct iteration counted once)."""
-  n_consts, n_carry, length = params['num_consts'], params['num_carry'], params['length']
+  inputs are known (each distinct iteration counted once). Where a jax version's scan does not name how
+  its operands split (no ``num_consts``), its body with unknown inputs, ``length`` times."""
+  length = params['length']
+  if 'num_consts' not in params or 'num_carry' not in params:
+    (body,) = _sub_jaxprs(list(params.values()))
+    return length * jaxpr_macs(*_open(body, [None] * len(ins)))
+  n_consts, n_carry = params['num_consts'], params['num_carry']
   consts, xs = ins[:n_consts], ins[n_consts + n_carry:]
   if all(x is None for x in xs):
     return length * jaxpr_macs(*_open(params['jaxpr'], consts + [None] * (len(ins) - n_consts)))

@@ -53,7 +53,7 @@ def resolve_depthwise(depthwise: str, supernet: bool = False) -> str:
   window sum, and hand-written VJPs for 1x1 convs and train-mode BatchNorm (fast on XLA:CPU; reverse mode
   of any order, no forward mode). 'autodiff': the same sums with plain JAX autodiff (every AD mode, e.g.
   ``jax.jvp`` for exact Hessian-vector products; slower gradients). 'grouped': ``feature_group_count``
-  convolutions (vendor kernels on GPU/TPU).
+  convolutions (vendor kernels on GPU/TPU; 'same'-padded dilated ones run undilated, ``_grouped_dilated_conv``).
   """
   if depthwise == 'auto':
     backend = jax.default_backend()
@@ -317,15 +317,44 @@ def _pad(x, padding, value=0.0):
   return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=value)
 
 
+def _grouped_conv(x, kernel, stride, padding, dilation=1):
+  return lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
+                                  rhs_dilation=(dilation, dilation), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                  feature_group_count=x.shape[-1])
+
+
+def _grouped_dilated_conv(x, kernel, stride, padding, dilation):
+  """A 'same'-padded (``padding = dilation * (k - 1) / 2``) dilated depthwise conv as an undilated one.
+
+  Stride ``dilation``: the output only reads the input's positions that are multiples of ``dilation``, so it is
+  the undilated conv of ``x[:, ::d, ::d]`` with padding ``(k - 1) / 2``. Stride 1 (when ``d`` divides H and
+  W): each of the ``d * d`` position phases ``x[:, r::d, q::d]`` only meets its own phase, so the phases run
+  as one undilated conv over a ``d * d`` times larger batch. Same sums, every AD mode; on GPU the weight
+  gradient is then cuDNN's depthwise backward-filter kernel, where XLA runs the dilated one's as a forward
+  conv that cuDNN splits per channel (0.3-0.4 s of kernel time per PGD-7 training step of DARTS_V2 C=36 on
+  an H100: benchmarks/RESULTS.md). Other shapes: the dilated conv as it is.
+  """
+  k, d = kernel.shape[0], dilation
+  b, h, w, c = x.shape
+  if k % 2 == 0 or padding != d * (k - 1) // 2:
+    return _grouped_conv(x, kernel, stride, padding, dilation)
+  if stride == d:
+    return _grouped_conv(x[:, ::d, ::d], kernel, 1, (k - 1) // 2)
+  if stride != 1 or h % d or w % d:
+    return _grouped_conv(x, kernel, stride, padding, dilation)
+  phases = x.reshape(b, h // d, d, w // d, d, c).transpose(2, 4, 0, 1, 3, 5).reshape(d * d * b, h // d, w // d, c)
+  y = _grouped_conv(phases, kernel, 1, (k - 1) // 2)
+  return y.reshape(d, d, b, h // d, w // d, c).transpose(2, 3, 0, 4, 1, 5).reshape(b, h, w, c)
+
+
 def depthwise_conv2d(x, kernel, stride, padding, dilation, depthwise):
   """Depthwise conv (PyTorch ``groups=C``), kernel ``(k, k, 1, C)``."""
   k = kernel.shape[0]
   impl = resolve_depthwise(depthwise)
   if impl == 'grouped':
-    return lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
-                                    rhs_dilation=(dilation, dilation),
-                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                    feature_group_count=x.shape[-1])
+    if dilation > 1:
+      return _grouped_dilated_conv(x, kernel, stride, padding, dilation)
+    return _grouped_conv(x, kernel, stride, padding)
   out_hw = tuple(_out_size(s, k, stride, padding, dilation) for s in x.shape[1:3])
   if impl == 'shift':
     return _shift_conv(x, kernel[:, :, 0, :], stride, dilation, padding, out_hw)

@@ -67,6 +67,17 @@ def test_jaxpr_macs_of_a_training_step(groups, c_out):
     assert analysis.jaxpr_macs(jax.make_jaxpr(scanned_step)(x, w).jaxpr) == 15 * forward
 
 
+def test_scan_without_operand_counts_counts_its_body_length_times():
+  """jax versions whose scan does not record ``num_consts`` (0.11): the body, inputs unknown, ``length`` times."""
+  import jax  # pylint: disable=g-import-not-at-top
+  f = lambda w, x: jax.lax.scan(lambda h, _: (h @ w, None), x, None, length=5)[0]
+  jaxpr = jax.make_jaxpr(f)(np.ones((4, 4), np.float32), np.ones((2, 4), np.float32)).jaxpr
+  (eqn,) = [e for e in jaxpr.eqns if e.primitive.name == 'scan']
+  params = {k: v for k, v in eqn.params.items() if k not in ('num_consts', 'num_carry')}
+  assert analysis._scan_macs(params, [None] * len(eqn.invars)) == 5 * 2 * 4 * 4
+  assert analysis.jaxpr_macs(jaxpr) == 5 * 2 * 4 * 4
+
+
 def test_supernet_counts_every_op():
   net = search_space.Supernet(init_channels=4, layers=5)
   alphas = net.init_alphas(np.random.default_rng(0).integers(0, 2**31, 2, dtype=np.uint32))

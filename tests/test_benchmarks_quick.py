@@ -10,6 +10,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -43,9 +44,64 @@ def test_supernet_step_quick():
 def test_eval_train_step_quick(tmp_path):
   """The PGD-1 adversarial training step of ``jaxnas.train`` against the PyTorch reference's."""
   out = tmp_path / 'results.jsonl'
-  (r,) = _run('benchmarks.eval_train_step', '--pgd-steps', '1', '--json-out', str(out))
+  (r,) = _run('benchmarks.eval_train_step', '--pgd-steps', '1', '--json-out', str(out), '--trace',
+              str(tmp_path / 'trace'))
   assert r['genotype'] == 'DARTS_V2' and r['layers'] == 5 and r['pgd_steps'] == 1
   assert json.loads(out.read_text())['step_s'] == r['step_s']
+  profile = r['device_profile']   # a CPU trace: no GPU plane to summarise
+  assert profile['device_planes'] == 0 and os.path.isfile(profile['trace_file']) and profile['wall_s_per_step'] > 0
+
+
+def _xspace(streams) -> str:
+  """A profiler XSpace (text proto) with one GPU plane: ``streams`` lists each stream's (name, start_ns,
+  duration_ns) kernels; an 'XLA Ops' line repeats the first stream, as real traces do."""
+  names = sorted({name for events in streams for name, _, _ in events})
+  lines = []
+  for i, events in enumerate(streams + [streams[0]]):
+    line_name = f'Stream #{i}(Compute)' if i < len(streams) else 'XLA Ops'
+    body = ' '.join(f'events {{ metadata_id: {names.index(n) + 1} offset_ps: {t * 1000} duration_ps: {d * 1000} }}'
+                    for n, t, d in events)
+    lines.append(f'lines {{ id: {i + 1} name: "{line_name}" timestamp_ns: 0 {body} }}')
+  metadata = ' '.join(f'event_metadata {{ key: {k + 1} value {{ id: {k + 1} name: "{n}" }} }}'
+                      for k, n in enumerate(names))
+  return f'planes {{ id: 1 name: "/device:GPU:0" {" ".join(lines)} {metadata} }}'
+
+
+def test_device_profile_against_a_brute_force_timeline():
+  """Busy time, idle gaps and per-kernel totals of a random two-stream trace, against a 1-ns timeline."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  streams = []
+  for _ in range(2):
+    t, events = int(rng.integers(0, 1000)), []
+    for _ in range(60):
+      d = int(rng.integers(1_000, 40_000))
+      events.append((f'kernel_{rng.integers(0, 4)}', t, d))
+      t += d + int(rng.choice([0, 5_000, 70_000, 150_000]))
+    streams.append(events)
+  steps = 2
+  profile = common.device_profile(jax.profiler.ProfileData.from_text_proto(_xspace(streams)), steps)
+  events = [e for s in streams for e in s]
+  start, end = min(t for _, t, _ in events), max(t + d for _, t, d in events)
+  busy = np.zeros(end - start, bool)
+  for _, t, d in events:
+    busy[t - start:t + d - start] = True
+  edges = np.flatnonzero(np.diff(busy.astype(np.int8)))   # last busy ns / last idle ns of each run
+  idle_runs = edges[1::2] - edges[0::2]   # busy at both ends of the timeline: idle runs alternate from 0
+  long_gaps = idle_runs[idle_runs > 50_000]
+  assert profile['device_planes'] == 1 and profile['kernels_per_step'] == len(events) / steps
+  assert profile['device_busy_s_per_step'] == pytest.approx(busy.sum() / steps * 1e-9)
+  assert profile['device_span_s_per_step'] == pytest.approx((end - start) / steps * 1e-9)
+  assert profile['idle_gaps_over_50us_per_step'] == len(long_gaps) / steps
+  assert profile['idle_gap_s_per_step'] == pytest.approx(long_gaps.sum() / steps * 1e-9)
+  totals = {}
+  for name, _, d in events:
+    totals[name] = totals.get(name, 0) + d
+  assert {k['name']: k['s_per_step'] for k in profile['top_kernels']} == pytest.approx(
+      {name: total / steps * 1e-9 for name, total in totals.items()})
+  assert [k['s_per_step'] for k in profile['top_kernels']] == sorted(
+      (k['s_per_step'] for k in profile['top_kernels']), reverse=True)
 
 
 def test_search_step_quick():

@@ -11,8 +11,8 @@ CASES = [(3, 1, 1, 1), (3, 2, 1, 1), (5, 1, 2, 1), (5, 2, 2, 1), (3, 1, 2, 2), (
          (5, 2, 4, 2)]  # (k, stride, padding, dilation): sep and dil convs at both strides
 
 
-@pytest.mark.parametrize('k, stride, padding, dilation', CASES)
-@pytest.mark.parametrize('size', [8, 7])
+@pytest.mark.parametrize('k, stride, padding, dilation, size', [
+    case + (size,) for case in CASES for size in (8, 7)] + [(3, 3, 3, 3, 9), (3, 1, 3, 3, 9)])
 def test_depthwise_formulations_agree_with_gradients(x64, k, stride, padding, dilation, size):
   rng = np.random.default_rng(k * 100 + stride * 10 + dilation)
   x = jnp.asarray(rng.normal(size=(2, size, size, 3)))
@@ -22,9 +22,19 @@ def test_depthwise_formulations_agree_with_gradients(x64, k, stride, padding, di
   for impl in ops.FORMULATIONS:
     f = lambda x, w: jnp.sum(g * ops.depthwise_conv2d(x, w, stride, padding, dilation, impl))
     results[impl] = (f(x, w),) + jax.grad(f, (0, 1))(x, w)
-  for impl in ('shift', 'autodiff'):
-    for a, b in zip(results[impl], results['grouped']):
+  # The dilated conv as XLA's convolution (the 'grouped' formulation runs a 'same'-padded one undilated).
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), [(padding, padding)] * 2,
+                                                   rhs_dilation=(dilation, dilation),
+                                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=3)
+  f = lambda x, w: jnp.sum(g * conv(x, w))
+  results['conv'] = (f(x, w),) + jax.grad(f, (0, 1))(x, w)
+  for impl in ('shift', 'autodiff', 'grouped'):
+    for a, b in zip(results[impl], results['conv']):
       np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+  tangents = (jnp.asarray(rng.normal(size=x.shape)), jnp.asarray(rng.normal(size=w.shape)))
+  grouped = lambda x, w: ops.depthwise_conv2d(x, w, stride, padding, dilation, 'grouped')
+  np.testing.assert_allclose(jax.jvp(grouped, (x, w), tangents)[1], jax.jvp(conv, (x, w), tangents)[1],
+                             rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize('pool', ['max', 'avg'])
