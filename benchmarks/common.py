@@ -146,7 +146,6 @@ def time_jax(fn: Callable, args: Sequence, repeats: int, warmup: int, dtype: str
   return result
 
 
-
 def profile_steps(call: Callable[[], object], trace_dir: str, steps: int) -> dict:
   """Runs ``call`` ``steps`` times under ``jax.profiler.trace(trace_dir)``; returns ``device_profile`` of it."""
   with jax.profiler.trace(trace_dir):
@@ -154,7 +153,10 @@ def profile_steps(call: Callable[[], object], trace_dir: str, steps: int) -> dic
     for _ in range(steps):
       call()
     wall = time.perf_counter() - t0
-  (path,) = sorted(glob.glob(os.path.join(trace_dir, 'plugins', 'profile', '*', '*.xplane.pb')))[-1:]
+  traces = sorted(glob.glob(os.path.join(trace_dir, 'plugins', 'profile', '*', '*.xplane.pb')))
+  if not traces:
+    raise RuntimeError(f'jax.profiler wrote no trace under {trace_dir}: is the directory writable?')
+  path = traces[-1]  # the newest (folders are named by time)
   summary = device_profile(jax.profiler.ProfileData.from_file(path), steps)
   summary.update(trace_file=path, wall_s_per_step=wall / steps)
   log(f'profile: {json.dumps(summary)}')

@@ -104,14 +104,16 @@ def test_device_profile_against_a_brute_force_timeline():
       (k['s_per_step'] for k in profile['top_kernels']), reverse=True)
 
 
-def test_search_step_quick():
-  """The real bilevel steps of a config over two epochs, under chex.assert_max_traces(n=1)."""
-  proc = subprocess.run([sys.executable, '-m', 'benchmarks.search_step', '--quick', '--torch-threads', '1'],
-                        cwd=REPO, capture_output=True, text=True, timeout=1800, check=False)
+def test_search_step_quick(tmp_path):
+  """The real bilevel steps of a config over two epochs, under chex.assert_max_traces(n=1), then traced."""
+  proc = subprocess.run([sys.executable, '-m', 'benchmarks.search_step', '--quick', '--torch-threads', '1',
+                         '--trace', str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=1800,
+                        check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   (r,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
   assert r['config'] == 'configs/darts.py' and r['retraces'] == 0 and len(r['step_times_s']) >= 2
   assert r['compile_s'] > 0 and r['step_s'] > 0 and r['examples_per_s'] == pytest.approx(r['batch'] / r['step_s'])
+  assert r['device_profile']['device_planes'] == 0 and os.path.isfile(r['device_profile']['trace_file'])
   if HAS_TORCH:
     assert r['torch_step_s'] > 0 and r['ratio'] == pytest.approx(r['step_s'] / r['torch_step_s'])
 
