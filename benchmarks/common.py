@@ -132,8 +132,9 @@ def time_jax(fn: Callable, args: Sequence, repeats: int, warmup: int, dtype: str
   compiled = lowered.compile(parallel.compiler_options())
   t2 = time.perf_counter()
   log(f'compiled in {t2 - t1:.1f} s; timing {warmup} + {repeats} steps')
-  outputs = block(compiled(*args))
-  step_s, times = _median_time(lambda: block(compiled(*args)), repeats, warmup)
+  call = lambda: block(compiled(*args))
+  outputs = call()
+  step_s, times = _median_time(call, repeats, warmup)
   log(f'median step {step_s:.4g} s over {len(times)}: {", ".join(f"{t:.4g}" for t in times)}')
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -142,7 +143,7 @@ def time_jax(fn: Callable, args: Sequence, repeats: int, warmup: int, dtype: str
   result.update(flops_fields(step_flops(fn, *args), step_s, dtype))
   result.update(peak_memory())
   if trace_dir:
-    result['device_profile'] = profile_steps(lambda: block(compiled(*args)), trace_dir, TRACE_STEPS)
+    result['device_profile'] = profile_steps(call, trace_dir, TRACE_STEPS)
   return result
 
 

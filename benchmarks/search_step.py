@@ -132,6 +132,12 @@ def run(args, cells, torch) -> dict:
     return {'image': dataset.train_images[lo:lo + args.batch], 'label': dataset.train_labels[lo:lo + args.batch],
             'epoch': np.int32(epoch)}
 
+  def bilevel_step(state, phase, t, epoch, hparams):
+    """The loop's step t: the architecture step on batches t and t + 1, then the weight step on batch t."""
+    state, _ = run_step(arch_fn, program, phase, state, batch_at(t, epoch), batch_at(t + 1, epoch), hparams)
+    state, metrics = run_step(weight_fn, program, phase, state, batch_at(t, epoch), hparams)
+    return state, common.block(metrics)
+
   steps_per_epoch = max(args.repeats + args.warmup, 2)
   times = []
   for epoch in range(2):  # the first two epochs of a search: one phase (no method switches stage earlier)
@@ -141,9 +147,7 @@ def run(args, cells, torch) -> dict:
       t = epoch * steps_per_epoch + k
       hparams = {'w_lr': np.float32(0.025 / (1 + t)), 'a_lr': np.float32(3e-4)}
       start = time.perf_counter()
-      state, _ = run_step(arch_fn, program, phase, state, batch_at(t, epoch), batch_at(t + 1, epoch), hparams)
-      state, metrics = run_step(weight_fn, program, phase, state, batch_at(t, epoch), hparams)
-      common.block(metrics)
+      state, _ = bilevel_step(state, phase, t, epoch, hparams)
       times.append(time.perf_counter() - start)
       common.log(f'step {t}: {times[-1]:.2f} s')
   timed = times[1 + args.warmup:] or times[1:]
@@ -163,9 +167,8 @@ def run(args, cells, torch) -> dict:
   if args.trace:  # more steps of the second epoch, as timed
     def traced_step():
       nonlocal state
-      state, _ = run_step(arch_fn, program, phase, state, batch_at(0, 1), batch_at(1, 1), hparams)
-      state, metrics = run_step(weight_fn, program, phase, state, batch_at(0, 1), hparams)
-      return common.block(metrics)
+      state, metrics = bilevel_step(state, phase, 0, 1, hparams)
+      return metrics
     result['device_profile'] = common.profile_steps(traced_step, args.trace, common.TRACE_STEPS)
   if torch is not None:
     device = common.torch_device(torch)

@@ -101,8 +101,7 @@ def _scan_macs(params, ins) -> int:
   its operands split (no ``num_consts``), its body with unknown inputs, ``length`` times."""
   length = params['length']
   if 'num_consts' not in params or 'num_carry' not in params:
-    (body,) = _sub_jaxprs(list(params.values()))
-    return length * jaxpr_macs(*_open(body, [None] * len(ins)))
+    return length * jaxpr_macs(*_open(params['jaxpr'], [None] * len(ins)))
   n_consts, n_carry = params['num_consts'], params['num_carry']
   consts, xs = ins[:n_consts], ins[n_consts + n_carry:]
   if all(x is None for x in xs):

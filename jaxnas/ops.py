@@ -336,15 +336,14 @@ def _grouped_dilated_conv(x, kernel, stride, padding, dilation):
   """
   k, d = kernel.shape[0], dilation
   b, h, w, c = x.shape
-  if k % 2 == 0 or padding != d * (k - 1) // 2:
-    return _grouped_conv(x, kernel, stride, padding, dilation)
-  if stride == d:
+  same = k % 2 == 1 and padding == d * (k - 1) // 2
+  if same and stride == d:
     return _grouped_conv(x[:, ::d, ::d], kernel, 1, (k - 1) // 2)
-  if stride != 1 or h % d or w % d:
-    return _grouped_conv(x, kernel, stride, padding, dilation)
-  phases = x.reshape(b, h // d, d, w // d, d, c).transpose(2, 4, 0, 1, 3, 5).reshape(d * d * b, h // d, w // d, c)
-  y = _grouped_conv(phases, kernel, 1, (k - 1) // 2)
-  return y.reshape(d, d, b, h // d, w // d, c).transpose(2, 3, 0, 4, 1, 5).reshape(b, h, w, c)
+  if same and stride == 1 and h % d == 0 and w % d == 0:
+    phases = x.reshape(b, h // d, d, w // d, d, c).transpose(2, 4, 0, 1, 3, 5).reshape(d * d * b, h // d, w // d, c)
+    y = _grouped_conv(phases, kernel, 1, (k - 1) // 2)
+    return y.reshape(d, d, b, h // d, w // d, c).transpose(2, 3, 0, 4, 1, 5).reshape(b, h, w, c)
+  return _grouped_conv(x, kernel, stride, padding, dilation)
 
 
 def depthwise_conv2d(x, kernel, stride, padding, dilation, depthwise):

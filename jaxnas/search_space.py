@@ -102,8 +102,9 @@ def search_cell_init(rng, spec: cells.CellSpec, primitives, steps):
   per_edge = [_mixed_op_init(primitives, rng, spec.c, 2 if spec.reduction and j < 2 else 1)
               for _, j in genotypes.edge_index(steps)]
   if spec.reduction:  # stride-2 edges (FactorizedReduce skip) and stride-1 edges differ in structure
-    params['edges'] = [cells.stack_trees([per_edge[e][0] for e in es], np) for es in _input_edges(steps)]
-    stats['edges'] = [cells.stack_trees([per_edge[e][1] for e in es], np) for es in _input_edges(steps)]
+    groups = _input_edges(steps)
+    params['edges'] = [cells.stack_trees([per_edge[e][0] for e in es], np) for es in groups]
+    stats['edges'] = [cells.stack_trees([per_edge[e][1] for e in es], np) for es in groups]
   else:
     params['edges'] = cells.stack_trees([p for p, _ in per_edge], np)
     stats['edges'] = cells.stack_trees([s for _, s in per_edge], np)
