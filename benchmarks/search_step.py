@@ -124,6 +124,7 @@ def run(args, cells, torch) -> dict:
   # The loops' step runner on the steps' Python functions, which may trace only once: a recompilation across
   # steps or epochs (new learning rates, epoch numbers, data) raises.
   run_step = parallel.step_runner(num_static=2)
+  chex.clear_trace_counter()  # a new model size (--cells 8 20) is a new program: its first trace is expected
   arch_fn = chex.assert_max_traces(bilevel.arch_step.__wrapped__, n=1)
   weight_fn = chex.assert_max_traces(bilevel.weight_step.__wrapped__, n=1)
 
