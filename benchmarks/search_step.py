@@ -134,9 +134,13 @@ def run(args, cells, torch) -> dict:
             'epoch': np.int32(epoch)}
 
   def bilevel_step(state, phase, t, epoch, hparams):
-    """The loop's step t: the architecture step on batches t and t + 1, then the weight step on batch t."""
-    state, _ = run_step(arch_fn, program, phase, state, batch_at(t, epoch), batch_at(t + 1, epoch), hparams)
-    state, metrics = run_step(weight_fn, program, phase, state, batch_at(t, epoch), hparams)
+    """The loop's step t: the architecture step on batches t and t + 1, then the weight step on batch t (both
+    compiled together before the first, as ``search.run`` does)."""
+    train, val = batch_at(t, epoch), batch_at(t + 1, epoch)
+    run_step.compile_together((arch_fn, program, phase, state, train, val, hparams),
+                              (weight_fn, program, phase, state, train, hparams))
+    state, _ = run_step(arch_fn, program, phase, state, train, val, hparams)
+    state, metrics = run_step(weight_fn, program, phase, state, train, hparams)
     return state, common.block(metrics)
 
   steps_per_epoch = max(args.repeats + args.warmup, 2)

@@ -328,6 +328,9 @@ def _search(config, workdir: str, console: workdir_lib.Console):
       train_batch = {**parallel.global_batch(train_batch, mesh), **epoch_field}
       val_batch = {**parallel.global_batch(val_batch, mesh), **epoch_field}
 
+      arch_call = (bilevel.arch_step, program, phase, state, train_batch, val_batch, hparams)
+      weight_call = (bilevel.weight_step, program.lower_level, phase.weights_only, state, train_batch, hparams)
+      run_step.compile_together(*([arch_call] if phase.arch else []), weight_call)  # both compile at once
       new_state, metrics = state, {}
       if phase.arch:
         new_state, metrics = run_step(bilevel.arch_step, program, phase, new_state, train_batch, val_batch, hparams)

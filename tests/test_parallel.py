@@ -79,3 +79,30 @@ def test_gpu_xla_flags_added_once_and_never_override_the_user(monkeypatch):
   out = subprocess.run([sys.executable, '-c', 'import jax.numpy as jnp; print(float((jnp.ones(3) @ jnp.ones(3))))'],
                        capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300)
   assert out.returncode == 0 and out.stdout.strip() == '3.0', out.stderr[-2000:]
+
+
+def test_steps_compiled_together_run_without_tracing_again():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jaxnas import parallel  # pylint: disable=g-import-not-at-top
+  traces = []
+
+  def scale(k, x, y):
+    traces.append(('scale', k))
+    return k * x + y
+
+  def power(k, x):
+    traces.append(('power', k))
+    return x ** k
+
+  run = parallel.step_runner(num_static=1)
+  x, y = jnp.arange(4.0), jnp.ones(4)
+  run.compile_together((scale, 2, x, y), (power, 3, x), (scale, 2, x, y))
+  assert sorted(traces) == [('power', 3), ('scale', 2)]
+  for _ in range(2):
+    run.compile_together((scale, 2, x, y), (power, 3, x))
+    np.testing.assert_array_equal(run(scale, 2, x, y), 2 * x + y)
+    np.testing.assert_array_equal(run(power, 3, 2 * x), (2 * x) ** 3)
+  assert sorted(traces) == [('power', 3), ('scale', 2)]  # compiled once, run from the executables
+  np.testing.assert_array_equal(run(scale, 5, x, y), 5 * x + y)  # new static argument: compiled on first run
+  assert traces[-1] == ('scale', 5) and len(traces) == 3
