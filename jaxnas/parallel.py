@@ -84,8 +84,8 @@ def step_runner(num_static: int):
   ``run.compile_together(*calls)`` compiles the calls ``(step, *args)`` that are not compiled yet ahead of
   their first run, concurrently: each is lowered in turn (tracing holds Python's lock) and handed to XLA in a
   thread of its own as soon as it is lowered, so the compilations overlap each other and the next lowering
-  (the DARTS search's architecture and weight steps, 8 cells on 2 CPU cores: 55 -> 46 s;
-  benchmarks/RESULTS.md). ``run`` then runs the compiled executables.
+  (the DARTS search step, 8 cells on 2 CPU cores: 58-66 -> 48 s; benchmarks/RESULTS.md). ``run`` then runs
+  the compiled executables, which take arguments of the shapes, dtypes and shardings they were compiled for.
 
   With several processes, every new combination of static arguments is compiled ahead of time and the
   processes meet at a barrier of the coordination service before its first run: they then enter the step's
