@@ -103,7 +103,11 @@ def step_runner(num_static: int):
     return jitted[step]
 
   def compile_together(*calls):
-    todo = {key_of(step, args): (step, args) for step, *args in calls if key_of(step, args) not in compiled}
+    todo = {}
+    for step, *args in calls:
+      key = key_of(step, args)
+      if key not in compiled:
+        todo[key] = step, args
     if not todo:
       return
     with concurrent.futures.ThreadPoolExecutor(len(todo)) as pool:
