@@ -301,8 +301,8 @@ def train_step(recipe: Recipe, state: TrainState, batch: dict, hparams: dict):
   updates, opt_state = bilevel.weight_optimizer(recipe.optim, hparams['lr']).update(grads, state.opt_state,
                                                                                      state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {'train/loss': loss, 'train/acc': micro_metrics['acc'], 'train/grad_norm': optax.tree.norm(grads),
-             'train/weights_finite': jnp.all(jnp.stack([jnp.all(jnp.isfinite(w)) for w in jax.tree.leaves(params)]))}
+  metrics = {'train/loss': loss, 'train/acc': micro_metrics['acc'], 'train/grad_norm': bilevel.tree_norm(grads),
+             'train/weights_finite': bilevel.all_finite(params)}
   return state.replace(params=params, batch_stats=stats, opt_state=opt_state, step=state.step + 1), metrics
 
 

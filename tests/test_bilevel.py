@@ -192,6 +192,19 @@ def test_weight_optimizer_is_torch_sgd_with_clip_grad_norm(x64):
       np.testing.assert_allclose(w[k], w_ref[k], rtol=1e-12)
 
 
+def test_tree_norm_and_all_finite_on_one_vector(x64):
+  rng = np.random.default_rng(4)
+  tree = {'a': rng.normal(size=(3, 2, 5)), 'b': [rng.normal(size=7), rng.normal(size=())]}
+  expected = np.sqrt(sum(np.sum(v**2) for v in jax.tree.leaves(tree)))
+  np.testing.assert_allclose(bilevel.tree_norm(jax.tree.map(jnp.asarray, tree)), expected, rtol=1e-14)
+  assert bool(bilevel.all_finite(tree))
+  for bad in (np.nan, np.inf, -np.inf):
+    broken = jax.tree.map(np.copy, tree)
+    broken['b'][0][3] = bad
+    assert not bool(bilevel.all_finite(broken))
+  assert float(bilevel.tree_norm({})) == 0.0 and bool(bilevel.all_finite({}))
+
+
 def test_arch_optimizer_is_torch_adam_with_l2_weight_decay(x64):
   rng = np.random.default_rng(2)
   a = jnp.asarray(rng.normal(size=(14, 8)))
