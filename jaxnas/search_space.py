@@ -150,28 +150,58 @@ def _skippable(run):
   return edge
 
 
-def _scan_edges(run, params, stats, weights, active, buffer, sources, targets, read, inputs=None):
+def _rematerialised(run):
+  """``_skippable(run)`` with a custom VJP (reverse mode only) whose backward pass is one ``lax.cond``: the
+  active edge's forward pass recomputed and its VJP, or zeros. Under ``jax.checkpoint`` the skipped branch
+  must also return zeros for every value the computed branch's VJP reads (about 20 activation-sized
+  arrays per edge); without them the 8-cell supernet step took 2.50 s instead of 2.69 s (medians of five
+  alternated processes, benchmarks/RESULTS.md), at the same compile time.
+
+  The running statistics are not differentiated (as PyTorch's BatchNorm buffers): their cotangent is
+  dropped and none is returned for them."""
+  @jax.custom_vjp
+  def edge(p, s, x, w, active):
+    return _skippable(run)(p, s, x, w, active)
+
+  def fwd(p, s, x, w, active):
+    return edge(p, s, x, w, active), (p, s, x, w, active)
+
+  def bwd(res, g):
+    p, s, x, w, active = res
+    vjp = lambda p, x, w: jax.vjp(lambda p, x, w: run(p, s, x, w)[0], p, x, w)[1](g[0])
+    zeros = lambda *primals: jax.tree.map(jnp.zeros_like, primals)
+    g_p, g_x, g_w = jax.lax.cond(active, vjp, zeros, p, x, w)
+    return g_p, None, g_x, g_w, None
+
+  edge.defvjp(fwd, bwd)
+  return edge
+
+
+def _scan_edges(edge, params, stats, weights, active, buffer, sources, targets, read, inputs=None):
   """Runs edges in order under ``lax.scan``: buffer[t] += mixed_op(states[s]) for every ``active`` edge, with
   ``states`` the buffer itself (node-major order guarantees every state an edge reads is complete) or the
-  fixed ``inputs``. One mixed-op body is compiled for all the edges. ``read(states, index)`` reads a state
-  (``_read_state`` for the reverse-mode-only 'shift' formulation).
+  fixed ``inputs``. One mixed-op body is compiled for all the edges. ``edge(p, s, x, w, active)`` runs one
+  edge, ``read(states, index)`` reads a state (``_edge_runner``).
 
-  The mixed op is rematerialised in the backward pass (``jax.checkpoint``): the scan then stores only each
-  edge's input, where stacking every primitive's intermediate values per edge cost more than recomputing
-  the forward pass (about 10% of a cell's step at batch 32 on XLA:CPU), and uses far less memory."""
+  The mixed op is rematerialised in the backward pass: the scan then stores only each edge's input, where
+  stacking every primitive's intermediate values per edge cost more than recomputing the forward pass
+  (about 10% of a cell's step at batch 32 on XLA:CPU), and uses far less memory."""
   def body(buf, xs):
     p, s, w, on, src, dst = xs
-    y, new_s = jax.checkpoint(_skippable(run))(p, s, read(buf if inputs is None else inputs, src), w, on)
+    y, new_s = edge(p, s, read(buf if inputs is None else inputs, src), w, on)
     return buf.at[dst].add(y), new_s
   xs = (params, stats, weights, jnp.asarray(active), jnp.asarray(sources), jnp.asarray(targets))
   return jax.lax.scan(body, buffer, xs)
 
 
 def _edge_runner(stride, primitives, train, depthwise):
+  """``(edge, read)`` of ``_scan_edges``: for the reverse-mode-only 'shift' formulation ``_rematerialised``
+  and ``_read_state``, else (every AD mode) the edge under ``jax.checkpoint`` and plain indexing."""
   run = functools.partial(_traced_mixed_op, primitives=tuple(primitives), stride=stride, train=train,
                           depthwise=depthwise)
-  read = _read_state if ops.resolve_depthwise(depthwise) == 'shift' else lambda buf, index: buf[index]
-  return run, read
+  if ops.resolve_depthwise(depthwise) == 'shift':
+    return _rematerialised(run), _read_state
+  return jax.checkpoint(_skippable(run)), lambda buf, index: buf[index]
 
 
 def cell_edges(params, stats, buffer, weights, active, *, primitives, steps, multiplier, train, depthwise):
@@ -180,8 +210,8 @@ def cell_edges(params, stats, buffer, weights, active, *, primitives, steps, mul
   sums of its stride-2 edges); edges not ``active`` add nothing. Returns the concatenation of the last
   ``multiplier`` nodes (the cell output) and the edges' statistics."""
   edges = genotypes.edge_index(steps)
-  run, read = _edge_runner(1, primitives, train, depthwise)
-  buffer, new_stats = _scan_edges(run, params, stats, weights, active, buffer, [j for _, j in edges],
+  edge, read = _edge_runner(1, primitives, train, depthwise)
+  buffer, new_stats = _scan_edges(edge, params, stats, weights, active, buffer, [j for _, j in edges],
                                   [i + 2 for i, _ in edges], read)
   return jnp.concatenate(list(buffer[2 + steps - multiplier:]), axis=-1), new_stats
 
@@ -209,9 +239,9 @@ def reduction_start(spec: cells.CellSpec, params, stats, s0, s1, weights, *, pri
   del multiplier
   s0, s1, new_stats = cells.preprocess(spec, params, stats, s0, s1, train)
   edges, (first, _) = genotypes.edge_index(steps), _input_edges(steps)
-  run, read = _edge_runner(2, primitives, train, depthwise)
+  edge, read = _edge_runner(2, primitives, train, depthwise)
   half = (s1.shape[0], (s1.shape[1] + 1) // 2, (s1.shape[2] + 1) // 2, s1.shape[3])
-  buffer, edge_stats = _scan_edges(run, params['edges'][0], stats['edges'][0], weights[first],
+  buffer, edge_stats = _scan_edges(edge, params['edges'][0], stats['edges'][0], weights[first],
                                    np.ones(len(first), bool), jnp.zeros((steps + 2,) + half, s1.dtype),
                                    [edges[e][1] for e in first], [edges[e][0] + 2 for e in first], read,
                                    inputs=jnp.stack([s0, s1]))
