@@ -137,10 +137,11 @@ def run(args, cells, torch) -> dict:
     """The loop's step t: the architecture step on batches t and t + 1, then the weight step on batch t (both
     compiled together before the first, as ``search.run`` does)."""
     train, val = batch_at(t, epoch), batch_at(t + 1, epoch)
-    run_step.compile_together((arch_fn, program, phase, state, train, val, hparams),
-                              (weight_fn, program, phase, state, train, hparams))
-    state, _ = run_step(arch_fn, program, phase, state, train, val, hparams)
-    state, metrics = run_step(weight_fn, program, phase, state, train, hparams)
+    arch_call = lambda s: (arch_fn, program, phase, s, train, val, hparams)
+    weight_call = lambda s: (weight_fn, program, phase, s, train, hparams)
+    run_step.compile_together(arch_call(state), weight_call(state))
+    state, _ = run_step(*arch_call(state))
+    state, metrics = run_step(*weight_call(state))
     return state, common.block(metrics)
 
   steps_per_epoch = max(args.repeats + args.warmup, 2)

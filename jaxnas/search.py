@@ -328,14 +328,13 @@ def _search(config, workdir: str, console: workdir_lib.Console):
       train_batch = {**parallel.global_batch(train_batch, mesh), **epoch_field}
       val_batch = {**parallel.global_batch(val_batch, mesh), **epoch_field}
 
-      arch_call = (bilevel.arch_step, program, phase, state, train_batch, val_batch, hparams)
-      weight_call = (bilevel.weight_step, program.lower_level, phase.weights_only, state, train_batch, hparams)
-      run_step.compile_together(*([arch_call] if phase.arch else []), weight_call)  # both compile at once
+      arch_call = lambda s: (bilevel.arch_step, program, phase, s, train_batch, val_batch, hparams)
+      weight_call = lambda s: (bilevel.weight_step, program.lower_level, phase.weights_only, s, train_batch, hparams)
+      run_step.compile_together(*([arch_call(state)] if phase.arch else []), weight_call(state))  # both at once
       new_state, metrics = state, {}
       if phase.arch:
-        new_state, metrics = run_step(bilevel.arch_step, program, phase, new_state, train_batch, val_batch, hparams)
-      new_state, weight_metrics = run_step(bilevel.weight_step, program.lower_level, phase.weights_only, new_state,
-                                           train_batch, hparams)
+        new_state, metrics = run_step(*arch_call(new_state))
+      new_state, weight_metrics = run_step(*weight_call(new_state))
       metrics = {**jax.device_get(metrics), **jax.device_get(weight_metrics)}
       metrics.update({'train/lr': hparams['w_lr'], 'arch/lr': hparams['a_lr']})
       check_finite(metrics, step, epoch, phase, last_checkpoint)

@@ -159,12 +159,11 @@ def _rematerialised(run):
 
   The running statistics are not differentiated (as PyTorch's BatchNorm buffers): their cotangent is
   dropped and none is returned for them."""
-  @jax.custom_vjp
-  def edge(p, s, x, w, active):
-    return _skippable(run)(p, s, x, w, active)
+  skippable = _skippable(run)
+  edge = jax.custom_vjp(skippable)
 
   def fwd(p, s, x, w, active):
-    return edge(p, s, x, w, active), (p, s, x, w, active)
+    return skippable(p, s, x, w, active), (p, s, x, w, active)
 
   def bwd(res, g):
     p, s, x, w, active = res
