@@ -1,9 +1,9 @@
-"""The real search step of ``jaxnas.main``: ``bilevel.arch_step`` + ``bilevel.weight_step`` of a method config.
+"""The real search step of ``jaxnas.main``: ``bilevel.search_step`` (arch step + weight step) of a method config.
 
 Builds the program exactly as a search does (``search.make_model`` / ``make_program`` from the config file)
 and times one search step (architecture step on a val batch + weight step on a train batch) over two epochs
 with a new learning rate at every step; ``compile_s`` is the first step's time (trace, lower, compile) minus
-the median step. The step functions run under ``chex.assert_max_traces(n=1)``: a retrace (recompilation)
+the median step. The step function runs under ``chex.assert_max_traces(n=1)``: a retrace (recompilation)
 across steps or epochs fails the run. With PyTorch installed, the same step of the PyTorch reference supernet
 (first order; plain or PGD-k cross-entropy on each level, as the config says) is timed in the same run, on
 the same GPU when jaxnas runs on one. ``flops_per_step``: the convolutions and matrix products of both steps,
@@ -125,8 +125,7 @@ def run(args, cells, torch) -> dict:
   # steps or epochs (new learning rates, epoch numbers, data) raises.
   run_step = parallel.step_runner(num_static=2)
   chex.clear_trace_counter()  # a new model size (--cells 8 20) is a new program: its first trace is expected
-  arch_fn = chex.assert_max_traces(bilevel.arch_step.__wrapped__, n=1)
-  weight_fn = chex.assert_max_traces(bilevel.weight_step.__wrapped__, n=1)
+  step_fn = chex.assert_max_traces(bilevel.search_step.__wrapped__, n=1)
 
   def batch_at(i, epoch):
     lo = (i % 2) * args.batch
@@ -134,14 +133,8 @@ def run(args, cells, torch) -> dict:
             'epoch': np.int32(epoch)}
 
   def bilevel_step(state, phase, t, epoch, hparams):
-    """The loop's step t: the architecture step on batches t and t + 1, then the weight step on batch t (both
-    compiled together before the first, as ``search.run`` does)."""
-    train, val = batch_at(t, epoch), batch_at(t + 1, epoch)
-    arch_call = lambda s: (arch_fn, program, phase, s, train, val, hparams)
-    weight_call = lambda s: (weight_fn, program, phase, s, train, hparams)
-    run_step.compile_together(arch_call(state), weight_call(state))
-    state, _ = run_step(*arch_call(state))
-    state, metrics = run_step(*weight_call(state))
+    """The loop's step t: the architecture step on batches t and t + 1, then the weight step on batch t."""
+    state, metrics = run_step(step_fn, program, phase, state, batch_at(t, epoch), batch_at(t + 1, epoch), hparams)
     return state, common.block(metrics)
 
   steps_per_epoch = max(args.repeats + args.warmup, 2)
@@ -158,10 +151,8 @@ def run(args, cells, torch) -> dict:
       common.log(f'step {t}: {times[-1]:.2f} s')
   timed = times[1 + args.warmup:] or times[1:]
   step_s = float(np.median(timed))
-  flops = (common.step_flops(functools.partial(bilevel.arch_step.__wrapped__, program, phase), state,
-                             batch_at(0, 1), batch_at(1, 1), hparams)
-           + common.step_flops(functools.partial(bilevel.weight_step.__wrapped__, program, phase), state,
-                               batch_at(0, 1), hparams))
+  flops = common.step_flops(functools.partial(bilevel.search_step.__wrapped__, program, phase), state,
+                            batch_at(0, 1), batch_at(1, 1), hparams)
   result = {'benchmark': 'search_step', 'config': args.config, 'order': program.arch.order, 'cells': cells,
             'batch': args.batch, 'C': args.channels, 'size': args.size,
             'depthwise': ops.resolve_depthwise(args.depthwise, supernet=True),

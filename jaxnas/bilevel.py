@@ -6,6 +6,7 @@ batch) and ``arch_step`` (upper level: alphas descend the combined gradient of t
 batch, first order or through one unrolled weight step) are jitted functions of a static ``Program`` (model,
 objectives, optimizer settings), a static ``schedules.Phase``, the state, the batches and traced
 hyper-parameters ``{'w_lr', 'a_lr'}``: learning-rate changes never recompile, and each phase compiles once.
+``search_step`` is both as one program (the loop's step when the architecture is updated).
 
 Gradient accumulation (``Program.grad_accum_steps`` = k > 1): the weight step runs its batch as k strided
 micro-batches under ``lax.scan`` and makes one update with the mean gradient (``accumulate_gradients``); the
@@ -417,3 +418,18 @@ def arch_step(program: Program, phase: Phase, state: SearchState, train_batch: d
   metrics['arch/alphas_finite'] = all_finite(alphas)
   return state.replace(alphas=alphas, a_opt_state=a_opt_state), metrics
 
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def search_step(program: Program, phase: Phase, state: SearchState, train_batch: dict, val_batch: dict,
+                hparams: dict):
+  """One step of the search with an architecture update: ``arch_step``, then ``weight_step`` on the new
+  alphas (quark0/darts ``train_search.py``), as one program. Both levels run the supernet's forward and
+  backward passes on batches of one shape, so XLA compiles their kernels once (the DARTS search step, 8 cells
+  on 2 CPU cores: 42 -> 31 s against the two steps compiled concurrently; benchmarks/RESULTS.md). Returns
+  ``(state, metrics)`` with both steps' metrics."""
+  TRACES['search_step'] += 1
+  state, metrics = arch_step.__wrapped__(program, phase, state, train_batch, val_batch, hparams)
+  state, weight_metrics = weight_step.__wrapped__(program.lower_level, phase.weights_only, state, train_batch,
+                                                  hparams)
+  return state, {**metrics, **weight_metrics}

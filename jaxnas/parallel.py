@@ -17,7 +17,6 @@ Memory and speed knobs used by the steps: gradient accumulation over strided mic
 """
 from __future__ import annotations
 
-import concurrent.futures
 import os
 
 import jax
@@ -81,54 +80,27 @@ def step_runner(num_static: int):
   """``run(step, *args)`` runs a training loop's step (its first ``num_static`` arguments static) jitted
   with ``compiler_options()``.
 
-  ``run.compile_together(*calls)`` compiles the calls ``(step, *args)`` that are not compiled yet ahead of
-  their first run, concurrently: each is lowered in turn (tracing holds Python's lock) and handed to XLA in a
-  thread of its own as soon as it is lowered, so the compilations overlap each other and the next lowering
-  (the DARTS search step, 8 cells on 2 CPU cores: 58-66 -> 48 s; benchmarks/RESULTS.md). ``run`` then runs
-  the compiled executables, which take arguments of the shapes, dtypes and shardings they were compiled for.
-
   With several processes, every new combination of static arguments is compiled ahead of time and the
   processes meet at a barrier of the coordination service before its first run: they then enter the step's
   first collective together. Without it, a process that compiles 30 s longer than another (a loaded host)
-  makes the CPU collectives' rendezvous give up (Gloo's fixed 30 s).
+  makes the CPU collectives' rendezvous give up (Gloo's fixed 30 s). The compiled executables take
+  arguments of the shapes, dtypes and shardings they were compiled for.
   """
   jitted, compiled = {}, {}
 
-  def key_of(step, args):
-    return step, tuple(args[:num_static])
-
-  def jit(step):
+  def run(step, *args):
     if step not in jitted:
       jitted[step] = jax.jit(step, static_argnums=tuple(range(num_static)), compiler_options=compiler_options())
-    return jitted[step]
-
-  def compile_together(*calls):
-    todo = {}
-    for step, *args in calls:
-      key = key_of(step, args)
-      if key not in compiled:
-        todo[key] = step, args
-    if not todo:
-      return
-    with concurrent.futures.ThreadPoolExecutor(len(todo)) as pool:
-      pending = {key: pool.submit(jit(step).lower(*args).compile) for key, (step, args) in todo.items()}
-      for key, future in pending.items():
-        compiled[key] = future.result()
-    if jax.process_count() > 1:
-      for n, (step, _) in enumerate(todo, start=len(compiled) - len(todo) + 1):
-        # Naming the processes selects the coordination service's barrier (not a collective with Gloo's deadline).
-        ocp_multihost.sync_global_processes(f'jaxnas_compiled_{n}_{step.__name__}', timeout=BARRIER_TIMEOUT_S,
-                                            processes=set(range(jax.process_count())))
-
-  def run(step, *args):
-    key = key_of(step, args)
+    if jax.process_count() == 1:
+      return jitted[step](*args)
+    key = step, tuple(args[:num_static])
     if key not in compiled:
-      if jax.process_count() == 1:
-        return jit(step)(*args)
-      compile_together((step, *args))
+      compiled[key] = jitted[step].lower(*args).compile()
+      # Naming the processes selects the coordination service's barrier (not a collective with Gloo's deadline).
+      ocp_multihost.sync_global_processes(f'jaxnas_compiled_{len(compiled)}_{step.__name__}',
+                                          timeout=BARRIER_TIMEOUT_S, processes=set(range(jax.process_count())))
     return compiled[key](*args[num_static:])
 
-  run.compile_together = compile_together
   return run
 
 

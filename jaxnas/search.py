@@ -3,7 +3,8 @@
 Every method (DARTS, DSARA, AdvRush, DSRNA, E2RNAS, RNAS) is this loop with another config: the objectives
 of each level (``config.search.lower`` / ``config.search.upper``), the combiner and the schedules. Each step
 updates the alphas on a val batch (``bilevel.arch_step``), then the weights on a train batch
-(``bilevel.weight_step``), in the order of quark0/darts ``train_search.py``. See ``jaxnas.workdir`` for the
+(``bilevel.weight_step``), in the order of quark0/darts ``train_search.py``, as one compiled program
+(``bilevel.search_step``; epochs before ``config.arch.start_epoch`` run the weight step alone). See ``jaxnas.workdir`` for the
 files a run writes. Rerunning the same command in the same workdir resumes from the latest checkpoint and
 gives the same alphas as an uninterrupted run: the data order is a function of (seed, epoch), randomness a
 function of (seed, step).
@@ -328,14 +329,12 @@ def _search(config, workdir: str, console: workdir_lib.Console):
       train_batch = {**parallel.global_batch(train_batch, mesh), **epoch_field}
       val_batch = {**parallel.global_batch(val_batch, mesh), **epoch_field}
 
-      arch_call = lambda s: (bilevel.arch_step, program, phase, s, train_batch, val_batch, hparams)
-      weight_call = lambda s: (bilevel.weight_step, program.lower_level, phase.weights_only, s, train_batch, hparams)
-      run_step.compile_together(*([arch_call(state)] if phase.arch else []), weight_call(state))  # both at once
-      new_state, metrics = state, {}
       if phase.arch:
-        new_state, metrics = run_step(*arch_call(new_state))
-      new_state, weight_metrics = run_step(*weight_call(new_state))
-      metrics = {**jax.device_get(metrics), **jax.device_get(weight_metrics)}
+        new_state, metrics = run_step(bilevel.search_step, program, phase, state, train_batch, val_batch, hparams)
+      else:
+        new_state, metrics = run_step(bilevel.weight_step, program.lower_level, phase.weights_only, state,
+                                      train_batch, hparams)
+      metrics = jax.device_get(metrics)
       metrics.update({'train/lr': hparams['w_lr'], 'arch/lr': hparams['a_lr']})
       check_finite(metrics, step, epoch, phase, last_checkpoint)
       metrics = {k: v for k, v in metrics.items() if not k.endswith('_finite')}

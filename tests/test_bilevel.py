@@ -5,6 +5,7 @@ A tiny mixed-op model with BatchNorm-like running statistics stands in for the s
 signature), so everything here runs in seconds; the supernet itself is exercised in test_main.py.
 """
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -292,7 +293,7 @@ def test_objective_config_errors(entry, match):
 # ------------------------------------------------------------------------------------------------
 # Whole steps: weighted lower level, MGDA upper level, no retracing.
 # ------------------------------------------------------------------------------------------------
-def test_steps_trace_once_and_mgda_gammas_are_reported():
+def test_steps_trace_once_search_step_is_both_steps_and_mgda_gammas_are_reported():
   net = ToyNet()
   program = bilevel.Program(model=net, input_shape=(2, 2, 1),
                             lower=(_spec('ce'), _spec('adv_ce', weight=0.5, eps=0.05, steps=1)),
@@ -302,14 +303,21 @@ def test_steps_trace_once_and_mgda_gammas_are_reported():
   state = bilevel.init_state(program, jax.random.PRNGKey(0), np.zeros((8, 2, 2, 1), np.uint8))
   phase = schedules.Phase(('ce', 'adv_ce'), ('ce', 'adv_ce'), True, False)
   before = dict(bilevel.TRACES)
+  both = state
   for t in range(3):
     batch = {k: np.asarray(v) for k, v in _uint8(_batch(jax.random.PRNGKey(10 + t))).items()}
     batch['epoch'] = np.int32(t)
     hparams = {'w_lr': np.float32(0.1 / (t + 1)), 'a_lr': np.float32(3e-4)}
     state, arch_metrics = bilevel.arch_step(program, phase, state, batch, batch, hparams)
     state, metrics = bilevel.weight_step(program, phase, state, batch, hparams)
-  assert bilevel.TRACES['weight_step'] - before.get('weight_step', 0) == 1
-  assert bilevel.TRACES['arch_step'] - before.get('arch_step', 0) == 1
+    both, both_metrics = bilevel.search_step(program, phase, both, batch, batch, hparams)
+    # The one-program search step is the architecture step followed by the weight step.
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7), both, state)
+    assert both_metrics.keys() == {**arch_metrics, **metrics}.keys()
+    for k, v in {**arch_metrics, **metrics}.items():
+      np.testing.assert_allclose(both_metrics[k], v, rtol=1e-5, atol=1e-7, err_msg=k)
+  traced = {k: bilevel.TRACES[k] - before.get(k, 0) for k in ('arch_step', 'weight_step', 'search_step')}
+  assert traced == {'arch_step': 2, 'weight_step': 2, 'search_step': 1}  # each alone and inside search_step
   assert int(state.step) == 3
   gammas = float(arch_metrics['arch/gamma_ce']), float(arch_metrics['arch/gamma_adv_ce'])
   assert 0.0 <= gammas[0] <= 1.0 and abs(sum(gammas) - 1.0) < 1e-6

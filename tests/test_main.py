@@ -48,7 +48,7 @@ def npz_path(tmp_path_factory):
 
 def _compiled():
   """Number of compiled variants of the jitted steps."""
-  return bilevel.arch_step._cache_size(), bilevel.weight_step._cache_size()  # pylint: disable=protected-access
+  return bilevel.search_step._cache_size(), bilevel.weight_step._cache_size()  # pylint: disable=protected-access
 
 
 def _alphas(workdir):
@@ -70,8 +70,8 @@ def test_search_on_mock_tfds_and_npz_writes_the_workdir_without_retracing(tmp_pa
   before = dict(bilevel.TRACES)
   with tfds.testing.mock_data(num_examples=16):
     assert run_main(['--config.data.source=tfds', '--config.data.name=cifar10'], tmp_path / 'tfds') == 0
-  traced = {k: bilevel.TRACES[k] - before.get(k, 0) for k in ('arch_step', 'weight_step')}
-  assert traced['arch_step'] <= 1 and traced['weight_step'] <= 1  # 4 steps over 2 epochs: at most one trace
+  traced = {k: bilevel.TRACES[k] - before.get(k, 0) for k in ('search_step', 'weight_step')}
+  assert traced['search_step'] <= 1 and traced['weight_step'] <= 1  # 4 steps over 2 epochs: at most one trace
   after_first = dict(bilevel.TRACES), _compiled()
   assert run_main(['--config.data.source=npz', f'--config.data.path={npz_path}'], tmp_path / 'npz') == 0
   assert (dict(bilevel.TRACES), _compiled()) == after_first  # the same program reuses the compiled steps

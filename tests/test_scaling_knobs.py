@@ -174,8 +174,8 @@ def test_bfloat16_search_with_gradient_accumulation_through_main(tmp_path):
   before = dict(bilevel.TRACES)
   assert _run_main(args, tmp_path) == 0
   # Each step traced once: the float32 weights, optimizer state and BN statistics keep their dtypes.
-  assert {k: bilevel.TRACES[k] - before.get(k, 0) for k in ('arch_step', 'weight_step')} == {
-      'arch_step': 1, 'weight_step': 1}
+  assert {k: bilevel.TRACES[k] - before.get(k, 0) for k in ('search_step', 'arch_step', 'weight_step')} == {
+      'search_step': 1, 'arch_step': 1, 'weight_step': 1}
   records = [r for r in _metrics(tmp_path) if 'train/loss' in r]
   assert [r['step'] for r in records] == [1, 2]
   assert all(np.isfinite(r['train/loss']) and np.isfinite(r['val/loss']) for r in records)
