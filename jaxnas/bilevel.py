@@ -419,14 +419,13 @@ def arch_step(program: Program, phase: Phase, state: SearchState, train_batch: d
   return state.replace(alphas=alphas, a_opt_state=a_opt_state), metrics
 
 
-
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def search_step(program: Program, phase: Phase, state: SearchState, train_batch: dict, val_batch: dict,
                 hparams: dict):
   """One step of the search with an architecture update: ``arch_step``, then ``weight_step`` on the new
   alphas (quark0/darts ``train_search.py``), as one program. Both levels run the supernet's forward and
-  backward passes on batches of one shape, so XLA compiles their kernels once (the DARTS search step, 8 cells
-  on 2 CPU cores: 42 -> 31 s against the two steps compiled concurrently; benchmarks/RESULTS.md). Returns
+  backward passes on batches of one shape, so XLA compiles their kernels once (the DARTS search step, 8 cells:
+  952 distinct kernels instead of 631 + 883 for the two steps apart; benchmarks/RESULTS.md). Returns
   ``(state, metrics)`` with both steps' metrics."""
   TRACES['search_step'] += 1
   state, metrics = arch_step.__wrapped__(program, phase, state, train_batch, val_batch, hparams)
