@@ -429,6 +429,5 @@ def search_step(program: Program, phase: Phase, state: SearchState, train_batch:
   ``(state, metrics)`` with both steps' metrics."""
   TRACES['search_step'] += 1
   state, metrics = arch_step.__wrapped__(program, phase, state, train_batch, val_batch, hparams)
-  state, weight_metrics = weight_step.__wrapped__(program.lower_level, phase.weights_only, state, train_batch,
-                                                  hparams)
+  state, weight_metrics = weight_step.__wrapped__(program, phase, state, train_batch, hparams)
   return state, {**metrics, **weight_metrics}

@@ -5,9 +5,9 @@ of each level (``config.search.lower`` / ``config.search.upper``), the combiner 
 updates the alphas on a val batch (``bilevel.arch_step``), then the weights on a train batch
 (``bilevel.weight_step``), in the order of quark0/darts ``train_search.py``, as one compiled program
 (``bilevel.search_step``; epochs before ``config.arch.start_epoch`` run the weight step alone). See
-``jaxnas.workdir`` for the files a run writes. Rerunning the same command in the same workdir resumes from the latest checkpoint and
-gives the same alphas as an uninterrupted run: the data order is a function of (seed, epoch), randomness a
-function of (seed, step).
+``jaxnas.workdir`` for the files a run writes. Rerunning the same command in the same workdir resumes from
+the latest checkpoint and gives the same alphas as an uninterrupted run: the data order is a function of
+(seed, epoch), randomness a function of (seed, step).
 """
 from __future__ import annotations
 

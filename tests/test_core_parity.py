@@ -166,7 +166,6 @@ def test_supernet_holds_five_mixed_op_bodies_at_any_depth(layers):
   assert _mixed_op_scans(jaxpr) == 5
 
 
-
 def test_shift_supernet_gradients_equal_plain_autodiff(x64):
   """The 'shift' supernet (hand-written VJPs; each edge a custom VJP whose backward conditional recomputes
   the active edge or returns zeros) against plain autodiff of the same sums under ``jax.checkpoint``:
