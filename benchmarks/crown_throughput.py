@@ -10,7 +10,7 @@ dependency; its values are checked in tests/test_certify.py).
 
   python -m benchmarks.crown_throughput
   python -m benchmarks.crown_throughput --methods crown-ibp --batch 64 --norm l2 --eps 0.1
-  python -m benchmarks.crown_throughput --quick      # CI smoke run (C=4, 16x16, batch 2)
+  python -m benchmarks.crown_throughput --quick      # CI smoke run (C=4, 3 cells, 16x16, batch 2)
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def main(argv=None):
   p.add_argument('--chunk-rows', type=int, default=256, help='CROWN: neurons per intermediate backward pass')
   args = p.parse_args(argv)
   if args.quick:
-    args.batch, args.channels, args.size, args.repeats, args.warmup = 2, 4, 16, 1, 0
+    args.batch, args.channels, args.layers, args.size, args.repeats, args.warmup = 2, 4, 3, 16, 1, 0
     args.methods = [m for m in args.methods if m != 'crown']  # full CROWN compiles for minutes on CPU
   info = common.machine_info()
   results = [dict(run(args, method), machine=info) for method in args.methods]
