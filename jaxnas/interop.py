@@ -43,7 +43,7 @@ def _keys(path) -> list:
 
 
 def torch_names(net, path) -> list[str]:
-  """The PyTorch name(s) of one leaf (several for a search-cell edge group, stacked on axis 0)."""
+  """The PyTorch name(s) of one leaf: several for stacked search-cell edges (``_stacked_axes``)."""
   keys = _keys(path)
   leaf = _LEAF[keys[-1]]
   top = keys[1]
@@ -53,6 +53,10 @@ def torch_names(net, path) -> list[str]:
     return [f'classifier.{leaf}']
   if top == 'aux_head':
     return [f'auxiliary_head.{_AUX[keys[2]]}.{leaf}']
+  if top == 'stages':  # search supernet: a stage's normal cells' edges, stacked (cells, edges, ...)
+    k, sub = net.space.primitives.index(keys[3]), _op_table(keys[3], 1)[keys[4]]
+    return [f'cells.{i}._ops.{e}._ops.{k}.{sub}.{leaf}' for i in net.stage_cells[keys[2]]
+            for e in range(net.num_edges)]
   i, spec = keys[2], net.plan[keys[2]]
   prefix = f'cells.{i}'
   if keys[3].startswith('preprocess'):
@@ -62,16 +66,11 @@ def torch_names(net, path) -> list[str]:
     name, idx = net.genotype[spec.cell_type][keys[4]]
     stride = 2 if spec.reduction and idx < 2 else 1
     return [f'{prefix}._ops.{keys[4]}.{_op_table(name, stride)[keys[5]]}.{leaf}']
-  # search cell: edges[op_name][...] stacked over all edges (a reduction cell: [stride-2 edges, the rest])
-  edges = list(enumerate(genotypes.edge_index(net.steps)))
-  if spec.reduction:
-    group, keys = keys[4], keys[:4] + keys[5:]
-    edges = [(e, ij) for e, ij in edges if (ij[1] < 2) == (group == 0)]
-  op_name = keys[4]
-  stride = 2 if spec.reduction and edges[0][1][1] < 2 else 1
-  k = net.space.primitives.index(op_name)
-  sub = _op_table(op_name, stride)[keys[5]]
-  return [f'{prefix}._ops.{e}._ops.{k}.{sub}.{leaf}' for e, _ in edges]
+  # search reduction cell: edges[group][op_name][...] stacked over the stride-2 edges (group 0) or the rest
+  group, op_name = keys[4], keys[5]
+  edges = [e for e, (_, j) in enumerate(genotypes.edge_index(net.steps)) if (j < 2) == (group == 0)]
+  k, sub = net.space.primitives.index(op_name), _op_table(op_name, 2 if group == 0 else 1)[keys[6]]
+  return [f'{prefix}._ops.{e}._ops.{k}.{sub}.{leaf}' for e in edges]
 
 
 def _to_jax_layout(a: np.ndarray, leaf_key: str) -> np.ndarray:
@@ -134,7 +133,7 @@ def from_torch_state_dict(state_dict, net, input_shape=(1, 32, 32, 3), dtype=jnp
                        'check the genotype, init_channels, layers and auxiliary settings')
     key = _keys(path)[-1]
     arrays = [_to_jax_layout(np.asarray(sd[n]), key) for n in names]
-    value = np.stack(arrays) if _is_stacked(path) else arrays[0]
+    value = np.stack(arrays).reshape(leaf.shape) if _stacked_axes(path) else arrays[0]
     if value.shape != leaf.shape:
       raise ValueError(f'shape mismatch for {names[0]!r}: state dict has {np.asarray(sd[names[0]]).shape}, '
                        f'the network needs {leaf.shape} (after layout change): check init_channels/layers')
@@ -149,9 +148,13 @@ def from_torch_state_dict(state_dict, net, input_shape=(1, 32, 32, 3), dtype=jnp
   return out
 
 
-def _is_stacked(path) -> bool:
+def _stacked_axes(path) -> int:
+  """How many leading axes stack PyTorch tensors: (cells, edges) of a supernet stage, (edges,) of a reduction
+  cell's edge group, none elsewhere."""
   keys = _keys(path)
-  return len(keys) > 3 and keys[1] == 'cells' and keys[3] == 'edges'
+  if keys[1] == 'stages':
+    return 2
+  return int(len(keys) > 3 and keys[1] == 'cells' and keys[3] == 'edges')
 
 
 def to_torch_state_dict(variables, net) -> dict[str, np.ndarray]:
@@ -160,7 +163,8 @@ def to_torch_state_dict(variables, net) -> dict[str, np.ndarray]:
 
   def emit(path, leaf):
     names, key = torch_names(net, path), _keys(path)[-1]
-    leaves = list(np.asarray(leaf)) if _is_stacked(path) else [np.asarray(leaf)]
+    axes, leaf = _stacked_axes(path), np.asarray(leaf)
+    leaves = list(leaf.reshape((-1,) + leaf.shape[axes:])) if axes else [leaf]
     for n, a in zip(names, leaves):
       out[n] = _to_torch_layout(a, key)
 

@@ -6,10 +6,11 @@ gradients.
 
 Speed: a cell's edge weights are stacked, and its edges run as one ``lax.scan`` in node-major order over a
 buffer of states, one mixed-op body for all of them, each edge under a ``lax.cond`` on whether it is active.
-A stage's normal cells run under one ``lax.scan`` (``search_stage``). A reduction cell's stride-2 edges form
-a second scan; its stride-1 edges have the shapes of the next stage's edges and run as that stage's first
-iteration, with the cell's input edges inactive. So from 5 cells on, the program holds five mixed-op bodies
-at any depth. The mixed op is traced once per distinct shape and rematerialised in the backward pass.
+A stage's normal cells run under one ``lax.scan`` (``search_stage``) over their edge weights, which the
+supernet stores stacked per stage. A reduction cell's stride-2 edges form a second scan; its stride-1 edges
+have the shapes of the next stage's edges and run as that stage's first iteration, with the cell's input
+edges inactive. So from 5 cells on, the program holds five mixed-op bodies at any depth. The mixed op is
+traced once per distinct shape and rematerialised in the backward pass.
 """
 from __future__ import annotations
 
@@ -292,9 +293,11 @@ def _pad_channels(x, width):
   return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
 
 
-def search_stage(specs, params, stats, s0, s1, weights, *, remat, pending=None, **options):
+def search_stage(specs, params, stats, edge_params, edge_stats, s0, s1, weights, *, remat, pending=None,
+                 **options):
   """A stage's normal cells under one ``lax.scan``, so the compiled program holds one normal-cell body per
-  stage whatever the depth.
+  stage whatever the depth. ``params``/``stats`` list the cells' preprocessing; ``edge_params``/``edge_stats``
+  are their edges' weights stacked as the scan reads them (``(cells, edges, ...)``, ``Supernet.init``).
 
   The cells differ only in how their inputs are preprocessed: the first cell's ``s0`` may come from before
   the reduction (FactorizedReduce) and the first cells of the network read the stem (3C channels, not 4C).
@@ -310,9 +313,10 @@ def search_stage(specs, params, stats, s0, s1, weights, *, remat, pending=None, 
   (``lax.cond``; zero kernels stand in for their weights). So a supernet compiles five mixed-op bodies, not
   seven.
 
-  Returns ``(s0, s1, new_stats, outputs, pending_stats)`` with the states the next cell reads, the cells'
-  outputs in order (the pending reduction cell's first), and the pending cell's stride-1 edges'
-  statistics (a normal cell's layout; None without one).
+  Returns ``(s0, s1, new_stats, new_edge_stats, outputs, pending_stats)`` with the states the next cell
+  reads, the cells' preprocessing statistics, their edges' statistics (stacked), the cells' outputs in order
+  (the pending reduction cell's first), and the pending cell's stride-1 edges' statistics (a normal cell's
+  layout; None without one).
   """
   n, train = len(specs), options['train']
   width = max([options['multiplier'] * specs[0].c] + [spec.c_prev for spec in specs]
@@ -320,21 +324,22 @@ def search_stage(specs, params, stats, s0, s1, weights, *, remat, pending=None, 
   q, st_first = cells.preprocess0(specs[0], params[0], stats[0], s0, train)
   look_ahead = [k + 1 if k + 1 < n else k for k in range(n)]
   look_key = ['preprocess0' if k + 1 < n else 'preprocess1' for k in range(n)]
-  cols = [[_pad_inputs(p['preprocess1'], width) for p in params], [s['preprocess1'] for s in stats],
-          [p['edges'] for p in params], [s['edges'] for s in stats], [weights] * n,
-          [np.ones(len(weights), bool)] * n,
-          [_pad_inputs(params[j][key], width) for j, key in zip(look_ahead, look_key)],
-          [stats[j][key] for j, key in zip(look_ahead, look_key)]]
+  p1_params = [_pad_inputs(p['preprocess1'], width) for p in params]
+  next_params = [_pad_inputs(params[j][key], width) for j, key in zip(look_ahead, look_key)]
+  next_stats = [stats[j][key] for j, key in zip(look_ahead, look_key)]
+  xs = [cells.stack_trees(p1_params), cells.stack_trees([s['preprocess1'] for s in stats]), edge_params,
+        edge_stats, jnp.broadcast_to(weights, (n,) + weights.shape), np.ones((n, len(weights)), bool),
+        cells.stack_trees(next_params), cells.stack_trees(next_stats)]
   if pending is None:
     r = _pad_channels(s1, width)
   else:
     zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
-    first = [zeros(cols[0][0]), cols[1][0], pending['params'], pending['stats'], pending['weights'],
-             pending['active'], zeros(cols[6][0]), cols[7][0]]
-    cols = [[f] + col for f, col in zip(first, cols)]
+    first = [zeros(p1_params[0]), stats[0]['preprocess1'], pending['params'], pending['stats'],
+             pending['weights'], pending['active'], zeros(next_params[0]), next_stats[0]]
+    prepend = lambda f, x: jnp.concatenate([jnp.asarray(f)[None], x])
+    xs = [jax.tree.map(prepend, f, x) for f, x in zip(first, xs)]
     r = jnp.zeros(pending['buffer'].shape[1:4] + (width,), q.dtype)
   offset = 0 if pending is None else 1
-  xs = tuple(cells.stack_trees(col) for col in cols) + (jnp.arange(n + offset) < offset,)
 
   def body(carry, xs):
     q, r = carry
@@ -350,14 +355,14 @@ def search_stage(specs, params, stats, s0, s1, weights, *, remat, pending=None, 
     return (q_next, _pad_channels(out, width)), (st1, edge_st, next_st, out)
 
   body = jax.checkpoint(body) if remat else body
-  _, (st1, edge_st, next_st, outs) = jax.lax.scan(body, (q, r), xs)
-  st1, edge_st = cells.unstack_tree(st1, n + offset)[offset:], cells.unstack_tree(edge_st, n + offset)
+  _, (st1, edge_st, next_st, outs) = jax.lax.scan(body, (q, r), tuple(xs) + (jnp.arange(n + offset) < offset,))
+  st1 = cells.unstack_tree(st1, n + offset)[offset:]
   next_st = [st_first] + cells.unstack_tree(next_st, n + offset)[offset:-1]  # cell k's ran in iteration k - 1
-  new_stats = [{'preprocess0': p0, 'preprocess1': p1, 'edges': e}
-               for p0, p1, e in zip(next_st, st1, edge_st[offset:])]
+  new_stats = [{'preprocess0': p0, 'preprocess1': p1} for p0, p1 in zip(next_st, st1)]
   outs = [outs[k] for k in range(n + offset)]
   s0_next = s1 if len(outs) == 1 else outs[-2]
-  return s0_next, outs[-1], new_stats, outs, (edge_st[0] if offset else None)
+  pending_stats = jax.tree.map(lambda a: a[0], edge_st) if offset else None
+  return s0_next, outs[-1], new_stats, jax.tree.map(lambda a: a[offset:], edge_st), outs, pending_stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,6 +373,10 @@ class Supernet:
   ``logits, new_batch_stats = net.apply(variables, alphas, x, train=True)``;
   ``net.apply(variables, alphas, x)`` (inference: running statistics) returns logits only.
   Inputs are NHWC in [0, 1] when ``mean``/``std`` are given (normalisation is inside the model).
+
+  Variables: ``cells[i]`` holds cell i's preprocessing (and a reduction cell's edges, ``search_cell_init``);
+  ``stages[k]`` the edges of the normal cells ``stage_cells[k]``, stacked ``(cells, edges, ...)`` as
+  ``search_stage`` scans them, so neither the step nor the optimizer stacks or slices them per cell.
   """
   space: SearchSpace = DARTS
   init_channels: int = 16
@@ -391,6 +400,12 @@ class Supernet:
                            self.multiplier, self.stem_multiplier)
 
   @property
+  def stage_cells(self) -> list[list[int]]:
+    """The normal cells of each run between reductions that has any (``variables['params']['stages'][k]``
+    stacks the edges of run k's cells)."""
+    return [run for run in _stages(self.plan) if not self.plan[run[0]].reduction]
+
+  @property
   def num_edges(self) -> int:
     return sum(i + 2 for i in range(self.steps))
 
@@ -410,8 +425,10 @@ class Supernet:
       cell_p.append(p)
       cell_s.append(s)
     head = cells.linear_init(gen, self.multiplier * self.plan[-1].c, self.num_classes)
-    return cells.as_variables({'stem': stem_p, 'cells': cell_p, 'classifier': head},
-                              {'stem': stem_s, 'cells': cell_s}, x.dtype)
+    stage_p = [cells.stack_trees([cell_p[i].pop('edges') for i in run], np) for run in self.stage_cells]
+    stage_s = [cells.stack_trees([cell_s[i].pop('edges') for i in run], np) for run in self.stage_cells]
+    return cells.as_variables({'stem': stem_p, 'cells': cell_p, 'stages': stage_p, 'classifier': head},
+                              {'stem': stem_s, 'cells': cell_s, 'stages': stage_s}, x.dtype)
 
   def apply(self, variables, alphas: Mapping[str, jax.Array], x, train: bool = False,
             return_features: bool = False):
@@ -430,7 +447,7 @@ class Supernet:
     options = dict(primitives=self.space.primitives, steps=self.steps, multiplier=self.multiplier, train=train,
                    depthwise=ops.resolve_depthwise(self.depthwise, supernet=True))
     plan, s0, s1 = self.plan, h, h
-    cell_s, features, pending = [None] * len(plan), [], None
+    cell_s, stage_s, features, pending = [None] * len(plan), [], [], None
 
     def finish(out, node_stats):  # the pending reduction cell's output and statistics
       cell_s[pending['index']]['edges'].append(_node_edge_stats(node_stats, self.steps))
@@ -448,8 +465,11 @@ class Supernet:
         pending = dict(reduction_pending(p[0], s[0], buffer, weights['reduce'], self.steps), index=run[0])
         s0, s1 = s1, None
         continue
-      s0, s1, new_s, outs, node_stats = search_stage(specs, p, s, s0, s1, weights[specs[0].cell_type],
-                                                     remat=self.remat, pending=pending, **options)
+      k = len(stage_s)
+      s0, s1, new_s, edge_s, outs, node_stats = search_stage(
+          specs, p, s, params['stages'][k], stats['stages'][k], s0, s1, weights[specs[0].cell_type],
+          remat=self.remat, pending=pending, **options)
+      stage_s.append(edge_s)
       if pending is not None:
         finish(outs.pop(0), node_stats)
       for i, ns in zip(run, new_s):
@@ -459,7 +479,7 @@ class Supernet:
     if pending is not None:
       s1 = finish(*reduction_finish(pending, **options))
     logits = cells.classifier_head(params['classifier'], s1).astype(out_dtype)
-    out = (logits, {'stem': stem_s, 'cells': cell_s}) if train else (logits,)
+    out = (logits, {'stem': stem_s, 'cells': cell_s, 'stages': stage_s}) if train else (logits,)
     out = out + ([f.astype(out_dtype) for f in features],) if return_features else out
     return out if len(out) > 1 else out[0]
 

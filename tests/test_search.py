@@ -150,7 +150,8 @@ def test_op_cost_tables_add_up_to_the_supernet_counts():
   net = search_space.Supernet(init_channels=2, layers=3, num_classes=10)
   shape = (1, 8, 8, 3)
   params = net.init(jax.random.PRNGKey(0), jnp.zeros(shape))['params']
-  edge_params = sum(int(np.size(x)) for cell in params['cells'] for x in jax.tree.leaves(cell['edges']))
+  edges = [params['stages']] + [cell.get('edges') for cell in params['cells']]  # reduction cells' own edges
+  edge_params = sum(int(np.size(x)) for x in jax.tree.leaves(edges))
   costs = compose.op_costs(net, shape[1:], 'params')
   assert sum(c.sum() for c in costs.values()) == edge_params
   # MACs: the full supernet minus one whose edges hold only MAC-free ops (stem, preprocessing, head).
