@@ -8,14 +8,18 @@ Each script prints one JSON object per configuration on stdout and a short table
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import datetime
 import glob
 import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from typing import Callable, Sequence
 
@@ -92,6 +96,36 @@ def machine_info() -> dict:
     except ImportError:
       info[name] = None
   return info
+
+
+def fresh_compilation_cache() -> None:
+  """Points JAX's persistent compilation cache (the one ``jaxnas.main`` keeps) at a new empty folder and
+  caches every program, however fast it compiles: the first compilation of a program is then a cold one,
+  and ``cache_events`` can count a rerun's hits. Call before JAX compiles anything (the cache is set up
+  once); the folder is removed at exit."""
+  cache_dir = tempfile.mkdtemp(prefix='jaxnas_bench_xla_')
+  atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
+  jax.config.update('jax_compilation_cache_dir', cache_dir)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+@contextlib.contextmanager
+def cache_events():
+  """Counts the persistent compilation cache's hits and misses inside the block: ``{'hits': n, 'misses': m}``."""
+  counts = {'hits': 0, 'misses': 0}
+  names = {'/jax/compilation_cache/cache_hits': 'hits', '/jax/compilation_cache/cache_misses': 'misses'}
+
+  def listener(event, **kwargs):
+    del kwargs
+    if event in names:
+      counts[names[event]] += 1
+
+  jax.monitoring.register_event_listener(listener)
+  try:
+    yield counts
+  finally:
+    jax.monitoring.unregister_event_listener(listener)
 
 
 def log(message: str) -> None:

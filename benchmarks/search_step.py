@@ -3,10 +3,11 @@
 Builds the program exactly as a search does (``search.make_model`` / ``make_program`` from the config file)
 and times one search step (architecture step on a val batch + weight step on a train batch) over two epochs
 with a new learning rate at every step; ``compile_s`` is the first step's time (trace, lower, compile) minus
-the median step. The step function runs under ``chex.assert_max_traces(n=1)``: a retrace (recompilation)
-across steps or epochs fails the run. With PyTorch installed, the same step of the PyTorch reference supernet
-(first order; plain or PGD-k cross-entropy on each level, as the config says) is timed in the same run, on
-the same GPU when jaxnas runs on one. ``flops_per_step``: the convolutions and matrix products of both steps,
+the median step, a cold compile (a fresh persistent compilation cache); ``compile_cached_s`` the same for a
+rerun, whose executable comes from that cache (``jaxnas.main`` keeps one). The step function runs under
+``chex.assert_max_traces(n=1)``: a retrace (recompilation) across steps or epochs fails the run. With PyTorch
+installed, the same step of the PyTorch reference supernet (first order; plain or PGD-k cross-entropy on each
+level, as the config says) is timed in the same run, on the same GPU when jaxnas runs on one. ``flops_per_step``: the convolutions and matrix products of both steps,
 attacks included (``common.step_flops``).
 
   python -m benchmarks.search_step                                   # DARTS (1st order), C=16, 8 cells, batch 32
@@ -27,8 +28,8 @@ import numpy as np
 from benchmarks import common
 from jaxnas import bilevel, data, ops, parallel, schedules, search
 
-COLUMNS = ('config', 'cells', 'batch', 'C', 'compile_s', 'step_s', 'examples_per_s', 'torch_step_s', 'ratio',
-           'retraces', 'fraction_of_peak_flops')
+COLUMNS = ('config', 'cells', 'batch', 'C', 'compile_s', 'compile_cached_s', 'step_s', 'examples_per_s',
+           'torch_step_s', 'ratio', 'retraces', 'fraction_of_peak_flops')
 
 
 def load_config(spec: str):
@@ -161,6 +162,15 @@ def run(args, cells, torch) -> dict:
             'retraces': 0}  # chex.assert_max_traces(n=1) raised otherwise
   result.update(common.flops_fields(flops, step_s))
   result.update(common.peak_memory())
+  # A rerun's compile (jaxnas.main keeps a persistent compilation cache): the step traced and lowered again,
+  # its executable loaded from the cache its first compile wrote (common.fresh_compilation_cache).
+  jax.clear_caches()
+  chex.clear_trace_counter()
+  with common.cache_events() as cache:
+    start = time.perf_counter()
+    state, _ = bilevel_step(state, phase, 0, 1, hparams)
+    result['compile_cached_s'] = time.perf_counter() - start - step_s
+  result.update(cache_hits=cache['hits'], cache_misses=cache['misses'])
   if args.trace:  # more steps of the second epoch, as timed
     def traced_step():
       nonlocal state
@@ -185,6 +195,7 @@ def main(argv=None):
   p.add_argument('--channels', type=int, default=16, help='init channels C')
   p.add_argument('--size', type=int, default=32, help='input height and width')
   args = p.parse_args(argv)
+  common.fresh_compilation_cache()
   if args.quick:
     args.batch, args.channels, args.size, args.repeats, args.warmup = 2, 2, 16, 1, 0
     args.cells = [3]

@@ -105,7 +105,8 @@ def test_device_profile_against_a_brute_force_timeline():
 
 
 def test_search_step_quick(tmp_path):
-  """The real bilevel steps of a config over two epochs, under chex.assert_max_traces(n=1), then traced."""
+  """The real bilevel steps of a config over two epochs, under chex.assert_max_traces(n=1), a rerun's compile
+  from the persistent compilation cache, then traced."""
   proc = subprocess.run([sys.executable, '-m', 'benchmarks.search_step', '--quick', '--torch-threads', '1',
                          '--trace', str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=1800,
                         check=False)
@@ -113,6 +114,8 @@ def test_search_step_quick(tmp_path):
   (r,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
   assert r['config'] == 'configs/darts.py' and r['retraces'] == 0 and len(r['step_times_s']) >= 2
   assert r['compile_s'] > 0 and r['step_s'] > 0 and r['examples_per_s'] == pytest.approx(r['batch'] / r['step_s'])
+  # The rerun traced the step again and took its executable from the persistent cache: nothing recompiled.
+  assert r['cache_hits'] >= 1 and r['cache_misses'] == 0 and 'compile_cached_s' in r
   assert r['device_profile']['device_planes'] == 0 and os.path.isfile(r['device_profile']['trace_file'])
   if HAS_TORCH:
     assert r['torch_step_s'] > 0 and r['ratio'] == pytest.approx(r['step_s'] / r['torch_step_s'])
