@@ -7,8 +7,9 @@ the median step, a cold compile (a fresh persistent compilation cache); ``compil
 rerun, whose executable comes from that cache (``jaxnas.main`` keeps one). The step function runs under
 ``chex.assert_max_traces(n=1)``: a retrace (recompilation) across steps or epochs fails the run. With PyTorch
 installed, the same step of the PyTorch reference supernet (first order; plain or PGD-k cross-entropy on each
-level, as the config says) is timed in the same run, on the same GPU when jaxnas runs on one. ``flops_per_step``: the convolutions and matrix products of both steps,
-attacks included (``common.step_flops``).
+level, as the config says) is timed in the same run, on the same GPU when jaxnas runs on one.
+``flops_per_step``: the convolutions and matrix products of both steps, attacks included
+(``common.step_flops``).
 
   python -m benchmarks.search_step                                   # DARTS (1st order), C=16, 8 cells, batch 32
   python -m benchmarks.search_step --config configs/dsara.py:darts_space --order 1   # PGD-7 adversarial search step
