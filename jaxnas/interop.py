@@ -131,14 +131,14 @@ def from_torch_state_dict(state_dict, net, input_shape=(1, 32, 32, 3), dtype=jnp
     if missing:
       raise ValueError(f'state dict lacks {missing[0]!r} (needed for {jax.tree_util.keystr(path)}): '
                        'check the genotype, init_channels, layers and auxiliary settings')
-    key = _keys(path)[-1]
+    key, axes = _keys(path)[-1], _stacked_axes(path)
     arrays = [_to_jax_layout(np.asarray(sd[n]), key) for n in names]
-    value = np.stack(arrays).reshape(leaf.shape) if _stacked_axes(path) else arrays[0]
-    if value.shape != leaf.shape:
-      raise ValueError(f'shape mismatch for {names[0]!r}: state dict has {np.asarray(sd[names[0]]).shape}, '
-                       f'the network needs {leaf.shape} (after layout change): check init_channels/layers')
+    for name, a in zip(names, arrays):  # each tensor, before stacking: the error names the one that differs
+      if a.shape != leaf.shape[axes:]:
+        raise ValueError(f'shape mismatch for {name!r}: state dict has {np.asarray(sd[name]).shape}, '
+                         f'the network needs {leaf.shape[axes:]} (after layout change): check init_channels/layers')
     used.update(names)
-    return jnp.asarray(value, dtype)
+    return jnp.asarray(np.stack(arrays).reshape(leaf.shape) if axes else arrays[0], dtype)
 
   out = jax.tree_util.tree_map_with_path(fill, template)
   unused = sorted(k for k in sd if k not in used and not k.endswith('num_batches_tracked'))

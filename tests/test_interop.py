@@ -59,6 +59,17 @@ def test_errors_are_one_clear_line(tmp_path):
   assert loaded['params']['classifier']['kernel'].shape == (64, 10)
 
 
+def test_a_wrong_tensor_inside_a_stacked_supernet_leaf_is_named():
+  """A stage stacks many PyTorch tensors into one leaf: the error names the one whose shape differs."""
+  net = search_space.Supernet(init_channels=2, layers=8)
+  assert net.stage_cells[0] == [0, 1]
+  sd = interop.to_torch_state_dict(net.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3))), net)
+  name = 'cells.1._ops.3._ops.4.op.1.weight'  # cell 1 (a stage's second normal cell), edge 3, sep_conv_3x3 dw1
+  assert sd[name].shape == (2, 1, 3, 3)
+  with pytest.raises(ValueError, match=f"shape mismatch for '{name}': state dict has \\(2, 1, 5, 5\\)"):
+    interop.from_torch_state_dict(dict(sd, **{name: np.zeros((2, 1, 5, 5))}), net)
+
+
 def test_torch_module_and_pt_file(tmp_path):
   torch = pytest.importorskip('torch')
   net = networks.EvalNetwork(genotypes.get('DARTS_V2'), 4, 5)
