@@ -157,62 +157,62 @@ def project_constraint(alphas, constraint_fn: Callable, H, bisection_steps: int 
   """
   x0, unravel = ravel_pytree(alphas)
   f = lambda v: constraint_fn(unravel(v))
-  value_and_grad = jax.value_and_grad(f)
   H = jnp.asarray(H, x0.dtype)
 
-  def solve(mu, start):
-    phi = lambda v: 0.5 * jnp.sum((v - x0)**2) + mu * f(v)
+  def solve(mu, start, f_start):
+    """``inner_steps`` steps from ``start`` (where F is ``f_start``): the new point and F there."""
+    phi = lambda v, fv: 0.5 * jnp.sum((v - x0)**2) + mu * fv
 
-    def step(_, v):
-      fv, gv = value_and_grad(v)
-      phi_v = 0.5 * jnp.sum((v - x0)**2) + mu * fv
+    def step(_, c):
+      v, _ = c
+      # F, its gradient and the Hessian-vector product along the Lagrangian's gradient from one linearisation.
+      (fv, gv), jvp = jax.linearize(jax.value_and_grad(f), v)
       d = v - x0 + mu * gv  # gradient of the Lagrangian
       dd = jnp.sum(d * d)
       # Newton step length along d (exact for F with Hessian proportional to I), then Armijo backtracking.
-      dhd = jnp.sum(d * jax.jvp(jax.grad(f), (v,), (d,))[1])
-      curv = dd + mu * dhd
+      curv = dd + mu * jnp.sum(d * jvp(d)[1])
       s0 = jnp.where((curv > 0) & (dd > 0), dd / jnp.where(curv > 0, curv, 1.0), 1.0)
-      shrink = lambda s: phi(v - s * d) > phi_v - 1e-4 * s * dd
-      s = lax.while_loop(lambda s: shrink(s) & (s > 1e-10 * s0), lambda s: 0.5 * s, s0)
-      return jnp.where(shrink(s), v, v - s * d)
+      phi_v = phi(v, fv)
 
-    v = lax.fori_loop(0, inner_steps, step, start)
-    return v, f(v)
+      def halve(b):  # the next trial step length, F there, and whether it lacks sufficient decrease
+        s = 0.5 * b[0]
+        f_s = f(v - s * d)
+        return s, f_s, phi(v - s * d, f_s) > phi_v - 1e-4 * s * dd
 
-  def project(_):
-    f0, g0 = value_and_grad(x0)
+      s, f_s, rejected = lax.while_loop(lambda b: b[2] & (b[0] > 1e-10 * s0), halve,
+                                        (2.0 * s0, fv, jnp.asarray(True)))
+      return jnp.where(rejected, v, v - s * d), jnp.where(rejected, fv, f_s)
+
+    return lax.fori_loop(0, inner_steps, step, (start, f_start))
+
+  def project(f_start):
+    f0, g0 = jax.value_and_grad(f)(x0)
     gg = jnp.sum(g0 * g0)
     mu0 = jnp.where(gg > 0, (f0 - H) / jnp.where(gg > 0, gg, 1.0), 1.0)  # exact for linear F
 
-    # Bracket: grow mu until a(mu) is feasible.
-    def grow_cond(c):
-      _, _, f_hi, k = c
-      return (f_hi > H) & (k < max_doublings)
+    # One loop, so the program holds one inner solver: first grow mu (from mu0, doubling) until a(mu) is
+    # feasible, then bisect [lo, hi], warm-starting each solve at the last (growing) or feasible (bisecting) a.
+    def searching(c):
+      growing, lo, hi, _, _, k = c
+      return growing | ((k < bisection_steps) & (hi - lo > rtol * hi))
 
-    def grow(c):
-      mu, v, _, k = c
-      v, fv = solve(2.0 * mu, v)
-      return 2.0 * mu, v, fv, k + 1
+    def next_solve(c):
+      growing, lo, hi, v, fv, k = c
+      mu = jnp.where(growing, hi, 0.5 * (lo + hi))
+      v_mu, f_mu = solve(mu, v, fv)
+      ok = f_mu <= H
+      done_growing = ok | (k >= max_doublings)
+      grown = (~done_growing, jnp.where(done_growing, jnp.where(mu > mu0, 0.5 * mu, 0.0), lo),
+               jnp.where(done_growing, mu, 2.0 * mu), v_mu, f_mu, jnp.where(done_growing, 0, k + 1))
+      bisected = (growing, jnp.where(ok, lo, mu), jnp.where(ok, mu, hi), jnp.where(ok, v_mu, v),
+                  jnp.where(ok, f_mu, fv), k + 1)
+      return jax.tree.map(lambda a, b: jnp.where(growing, a, b), grown, bisected)
 
-    v_hi, f_hi = solve(mu0, x0)
-    mu_hi, v_hi, f_hi, _ = lax.while_loop(grow_cond, grow, (mu0, v_hi, f_hi, 0))
-    mu_lo = jnp.where(mu_hi > mu0, 0.5 * mu_hi, 0.0)
-
-    def bis_cond(c):
-      lo, hi, _, _, k = c
-      return (k < bisection_steps) & (hi - lo > rtol * hi)
-
-    def bisect(c):
-      lo, hi, v, fv, k = c
-      mid = 0.5 * (lo + hi)
-      v_mid, f_mid = solve(mid, v)
-      ok = f_mid <= H
-      return (jnp.where(ok, lo, mid), jnp.where(ok, mid, hi), jnp.where(ok, v_mid, v),
-              jnp.where(ok, f_mid, fv), k + 1)
-
-    _, mu_hi, v_hi, f_hi, _ = lax.while_loop(bis_cond, bisect, (mu_lo, mu_hi, v_hi, f_hi, 0))
+    zero = jnp.zeros_like(mu0)
+    _, _, mu_hi, v_hi, f_hi, _ = lax.while_loop(searching, next_solve,
+                                                (jnp.asarray(True), zero, mu0, x0, f_start, jnp.asarray(0)))
     return v_hi, mu_hi, f_hi
 
   f_start = f(x0)
-  v, mu, value = lax.cond(f_start <= H, lambda _: (x0, jnp.zeros_like(f_start), f_start), project, None)
+  v, mu, value = lax.cond(f_start <= H, lambda f0: (x0, jnp.zeros_like(f0), f0), project, f_start)
   return Projection(unravel(v), mu, value)

@@ -157,3 +157,18 @@ def test_project_convex_constraint_matches_slsqp(x64):
                           options={'ftol': 1e-14, 'maxiter': 500})
   assert float(res.value) <= H
   np.testing.assert_allclose(np.asarray(res.alphas), ref.x, atol=1e-5)
+
+
+def test_project_holds_one_inner_solver():
+  """The compiled projection traces F four times (F at alphas; its value and gradient at alphas; the inner
+  step's linearisation; the line search), however many doublings and bisections run. With a solver copy per
+  phase (17 traces) the RNAS smoke search's projected step compiled in 103 s instead of 61 s."""
+  traces = []
+
+  def F(a):
+    traces.append(1)
+    return jnp.sum(a['x']**2)
+
+  res = jax.jit(lambda a: combine.project_constraint(a, F, 4.0))({'x': jnp.arange(5.0)})
+  assert len(traces) == 4
+  np.testing.assert_allclose(float(jnp.linalg.norm(res.alphas['x'])), 2.0, rtol=1e-5)
