@@ -32,9 +32,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the run: checkpoints, logs and results.')
 _CACHE = flags.DEFINE_string(
-    'compilation_cache', os.path.join(os.path.expanduser('~'), '.cache', 'jaxnas', 'xla'),
+    'compilation_cache',
+    os.environ.get('JAX_COMPILATION_CACHE_DIR', os.path.join(os.path.expanduser('~'), '.cache', 'jaxnas', 'xla')),
     "Persistent XLA compilation cache: a rerun, a resume or another process compiling the same step loads it "
-    "from here instead of compiling again ('' turns the cache off).")
+    "from here instead of compiling again ('' turns the cache off; default $JAX_COMPILATION_CACHE_DIR if set).")
 
 # Stages of the pipeline mode, in order, with the sub-directory of the workdir each runs in.
 PIPELINE = [('search', ''), ('derive', ''), ('train', 'train'), ('evaluate', 'train')]

@@ -57,11 +57,13 @@ def compiler_options() -> dict | None:
   """XLA options of the training loops' steps on the current backend.
 
   XLA:CPU: LLVM at optimisation level 1 instead of 2; the DARTS supernet step compiles ~25% faster at the
-  same step time (benchmarks/RESULTS.md). XLA:GPU: ``GPU_OPTIONS``. TPU: XLA's defaults.
+  same step time (benchmarks/RESULTS.md); a level set in ``XLA_FLAGS`` is kept. XLA:GPU: ``GPU_OPTIONS``.
+  TPU: XLA's defaults.
   """
   backend = jax.default_backend()
   if backend == 'cpu':
-    return {'xla_backend_optimization_level': 1}
+    return None if '--xla_backend_optimization_level=' in os.environ.get('XLA_FLAGS', '') else {
+        'xla_backend_optimization_level': 1}
   return dict(GPU_OPTIONS) if backend == 'gpu' else None
 
 

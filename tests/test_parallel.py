@@ -62,6 +62,14 @@ def test_mesh_errors():
   assert parallel.check_batch_size(8, mesh) == 8 // mesh.devices.size
 
 
+def test_cpu_step_options_keep_an_optimisation_level_set_in_xla_flags(monkeypatch):
+  from jaxnas import parallel  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+  assert parallel.compiler_options() == {'xla_backend_optimization_level': 1}
+  monkeypatch.setenv('XLA_FLAGS', '--xla_backend_optimization_level=3')
+  assert parallel.compiler_options() is None
+
+
 def test_gpu_xla_flags_added_once_and_never_override_the_user(monkeypatch):
   from jaxnas import parallel  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
