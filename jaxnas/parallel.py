@@ -62,20 +62,27 @@ def compiler_options() -> dict | None:
   """
   backend = jax.default_backend()
   if backend == 'cpu':
-    return None if '--xla_backend_optimization_level=' in os.environ.get('XLA_FLAGS', '') else {
-        'xla_backend_optimization_level': 1}
+    return None if xla_flag_set('xla_backend_optimization_level') else {'xla_backend_optimization_level': 1}
   return dict(GPU_OPTIONS) if backend == 'gpu' else None
 
 
+def xla_flag_set(name: str) -> bool:
+  """Whether ``XLA_FLAGS`` sets the XLA option ``name``."""
+  return f'--{name}=' in os.environ.get('XLA_FLAGS', '')
+
+
+def add_xla_flags(options: dict) -> None:
+  """Adds ``options`` to ``XLA_FLAGS``, those not set there already (the user's settings win), so that every
+  jitted function of the process gets them; effective when called before JAX starts its backends."""
+  for name, value in options.items():
+    if not xla_flag_set(name):
+      os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --{name}={str(value).lower()}".strip()
+
+
 def set_gpu_xla_flags() -> None:
-  """Adds ``GPU_OPTIONS`` to ``XLA_FLAGS`` (those the user has not set there), so that every jitted function
-  of the process gets them, not only the steps; effective when called before JAX starts its backends (the
-  CLI does). XLA on other backends accepts and ignores them."""
-  flags = os.environ.get('XLA_FLAGS', '')
-  for name, value in GPU_OPTIONS.items():
-    if f'--{name}=' not in flags:
-      flags = f'{flags} --{name}={str(value).lower()}'
-  os.environ['XLA_FLAGS'] = flags.strip()
+  """``add_xla_flags(GPU_OPTIONS)``, so that every jitted function of the process gets them, not only the
+  steps (the CLI calls it before JAX starts its backends). XLA on other backends accepts and ignores them."""
+  add_xla_flags(GPU_OPTIONS)
 
 
 def step_runner(num_static: int):

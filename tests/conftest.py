@@ -7,7 +7,7 @@ The suite compiles into one persistent XLA cache of its own, new for each run: e
 subprocess (``jaxnas.main`` reads ``JAX_COMPILATION_CACHE_DIR``) shares it, so a program compiled by one test
 is loaded by the next, as on a user's machine; the run starts cold, as on CI, and leaves the user's cache
 (``~/.cache/jaxnas/xla``) alone. The suite's programs are tiny and their compilation outweighs their run, so
-XLA:CPU compiles them with LLVM at its lowest level (unless ``XLA_FLAGS`` sets a level): 9-16% less time.
+XLA:CPU compiles them with LLVM at its lowest level (options ``XLA_FLAGS`` sets are kept): 9-16% less time.
 """
 import atexit
 import os
@@ -24,9 +24,8 @@ if "PYTEST_XDIST_WORKER" not in os.environ:  # the controller (or a run without 
   _cache = tempfile.mkdtemp(prefix="jaxnas_test_xla_")
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache  # xdist workers and subprocesses inherit it
-  if "--xla_backend_optimization_level=" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-                               " --xla_llvm_disable_expensive_passes=true").strip()
+  from jaxnas import parallel  # pylint: disable=g-import-not-at-top  (after the cache: JAX reads it on import)
+  parallel.add_xla_flags({"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
 
 
 @pytest.fixture(scope="session")
