@@ -20,8 +20,10 @@ the upper bound is the chord ``y <= s a + (1 - s) b - s ld`` and the lower bound
 ``y >= b`` (CROWN's adaptive ReLU slope). ``max`` over axes (``reduce_max``): lower bound the operand with the
 largest lower bound, upper bound that operand when it dominates, else the largest upper bound (DeepPoly).
 
-Bounds are computed per example (``jax.vmap`` over the batch), so they are exact for models that act on
-examples independently (inference mode). Everything is a pure JAX function: bounds can be jitted and
+Bounds are computed per example, so they are exact for models that act on examples independently (inference
+mode). A batch runs together: each node's rule is mapped over the examples (``jax.vmap``), while scans and
+backward passes are written for the batch, so no ``lax.scan`` is batched by ``jax.vmap`` (whose rule traces
+a scan's body again, at every level of nesting). Everything is a pure JAX function: bounds can be jitted and
 differentiated, w.r.t. ``params`` when the model is given as ``fn(params, x)`` (DSRNA-CB).
 """
 from __future__ import annotations
@@ -120,13 +122,19 @@ def _ibp_step(node: graph_lib.Node, ins: list, dom: domain_lib.Domain):
 # CROWN backward pass.
 # ------------------------------------------------------------------------------------------------------
 def _rowsum(t):
-  return jnp.sum(t.reshape(t.shape[0], -1), axis=1)
+  """``[B, S, ...] -> [B, S]``: the sum of each row of each example."""
+  return jnp.sum(t.reshape(t.shape[:2] + (-1,)), axis=2)
+
+
+def _per_example(tree):
+  """Per-example values ``[B, ...]`` (a state) as ``[B, 1, ...]``, to broadcast against coefficient rows."""
+  return jax.tree.map(lambda t: t[:, None], tree)
 
 
 def _dot(a, c, safe=True):
-  """Row-wise ``sum(a * c)``; ``safe``: with ``0 * inf = 0`` (infinite constants come from -inf max-pool
-  padding and -inf lower bounds of padded windows)."""
-  c = jnp.broadcast_to(jnp.asarray(c, a.dtype), a.shape[1:])
+  """Row-wise ``sum(a * c)`` (``c`` broadcastable to ``a``); ``safe``: with ``0 * inf = 0`` (infinite constants
+  come from -inf max-pool padding and -inf lower bounds of padded windows)."""
+  c = jnp.asarray(c, a.dtype)
   if not safe:
     return _rowsum(a * c)
   finite = jnp.isfinite(c)
@@ -136,7 +144,8 @@ def _dot(a, c, safe=True):
 
 
 def _interval_dot(a, iv: Interval):
-  """Lower bound of ``a . y`` for ``y`` in the interval."""
+  """Lower bound of ``a . y`` for ``y`` in the interval (per example: ``[B, ...]``)."""
+  iv = _per_example(iv)
   return _dot(jnp.maximum(a, 0), iv.lo) + _dot(jnp.minimum(a, 0), iv.hi)
 
 
@@ -181,15 +190,18 @@ def _relaxation(node, ins: list[Interval]):
 
 
 def _backward(nodes, state, starts: dict, relax: bool):
-  """CROWN backward pass: lower bounds of ``sum_v starts[v] . node[v]`` (coefficients ``[S, *shape]``) as a
-  linear function of the graph's input nodes. Returns ``(bias [S], {input node: coefficients})``.
+  """CROWN backward pass for a batch of examples: lower bounds of ``sum_v starts[v] . node[v]`` (coefficients
+  ``[B, S, *shape]``: S rows per example) as a linear function of the graph's input nodes. Returns
+  ``(bias [B, S], {input node: coefficients})``.
 
-  ``state[v]`` is the relaxation of maximum ``v`` (``relax=True``) or its interval: with ``relax=False`` the
-  pass stops at the maxima and concretises against their intervals (IBP with the specification folded in)."""
+  ``state[v]`` is the relaxation of maximum ``v`` (``relax=True``) or its interval, per example: with
+  ``relax=False`` the pass stops at the maxima and concretises against their intervals (IBP with the
+  specification folded in). Affine maps act on every row of every example alike (their transpose is mapped
+  over examples and rows), and no scan is batched by ``jax.vmap``."""
   coeffs = dict(starts)
   parts: dict[int, dict] = {}
   some = next(iter(starts.values()))
-  bias = jnp.zeros(some.shape[:1], some.dtype)
+  bias = jnp.zeros(some.shape[:2], some.dtype)
   at_inputs = {}
 
   def accumulate(v, a):
@@ -217,12 +229,12 @@ def _backward(nodes, state, starts: dict, relax: bool):
       if node.offset:
         bias = bias + _dot(a, node.fn(*zeros), node.infinite)
       transpose = jax.linear_transpose(node.fn, *zeros)  # of the linear part: the offset is dropped
-      for i, ct in zip(node.inputs, jax.vmap(transpose)(a.astype(node.dtype))):
+      for i, ct in zip(node.inputs, jax.vmap(jax.vmap(transpose))(a.astype(node.dtype))):
         accumulate(i, ct.astype(a.dtype))
     elif not relax:
       bias = bias + _interval_dot(a, state[v])
     elif node.kind == 'max':
-      lower, upper, intercept = state[v]
+      lower, upper, intercept = _per_example(state[v])
       pos, neg = jnp.maximum(a, 0), jnp.minimum(a, 0)
       accumulate(node.inputs[0], pos * lower + neg * upper)
       coeff_b = pos * (1 - lower) + neg * (1 - upper)
@@ -232,9 +244,9 @@ def _backward(nodes, state, starts: dict, relax: bool):
         bias = bias + _dot(coeff_b, node.const, node.infinite)
       bias = bias + _rowsum(neg * intercept)
     elif node.kind == 'reduce_max':
-      onehot, dominated, top = state[v]
+      onehot, dominated, top = _per_example(state[v])
       pos, neg = jnp.maximum(a, 0), jnp.minimum(a, 0)
-      expand = lambda t: jnp.expand_dims(t, tuple(ax + 1 for ax in node.const))
+      expand = lambda t: jnp.expand_dims(t, tuple(ax + 2 for ax in node.const))
       exact_neg = jnp.where(dominated, neg, 0)
       accumulate(node.inputs[0], onehot * expand(pos + exact_neg))
       bias = bias + _rowsum(jnp.where(dominated, 0, neg) * top)
@@ -244,11 +256,16 @@ def _backward(nodes, state, starts: dict, relax: bool):
 
 
 # ------------------------------------------------------------------------------------------------------
-# Scans: the bound computation runs as a lax.scan whose body rebuilds the scan body's graph.
+# Scans: the bound computation runs as a lax.scan whose body rebuilds the scan body's graph, for the whole
+# batch: per-iteration values are [T, B, ...] in the loop and [B, T, ...] outside it.
 # ------------------------------------------------------------------------------------------------------
-def _exact_interval(value, aval) -> Interval:
-  value = jnp.broadcast_to(jnp.asarray(value, aval.dtype), aval.shape)
+def _exact_interval(value, aval, batch: int) -> Interval:
+  value = jnp.broadcast_to(jnp.asarray(value, aval.dtype), (batch,) + tuple(aval.shape))
   return Interval(value, value)
+
+
+def _time_major(tree):
+  return jax.tree.map(lambda t: jnp.swapaxes(t, 0, 1), tree)
 
 
 def _split_exact(info, values):
@@ -265,26 +282,28 @@ def _fill(template, values):
 
 
 def _scan_forward(node, ins, dom, relax, keep_state):
-  """Bounds of a scan node's outputs for one example: a ``lax.scan`` over the body's bound propagation.
-  Returns the outputs (None for exact ones) and, when ``keep_state``, per iteration the body's state and
-  exact carries."""
+  """Bounds of a scan node's outputs for a batch of examples: a ``lax.scan`` over the body's bound
+  propagation. Returns the outputs (None for exact ones) and, when ``keep_state``, per iteration the body's
+  state (``[T, B, ...]``) and exact carries."""
   info = node.const
   nc, nk = info.n_consts, info.n_carry
   in_avals, out_avals = info.body.in_avals, info.body.out_avals
   sym_values = iter(ins)
   operands = [next(sym_values) if e is None else e for e in info.exact]
+  batch = dom.x.shape[0]
 
   def interval(value, aval):
     if isinstance(value, Interval):
       return Interval(value.lo.astype(aval.dtype), value.hi.astype(aval.dtype))
-    return _as_interval(value, dom) if isinstance(value, Ball) else _exact_interval(value, aval)
+    return jax.vmap(_as_interval)(value, dom) if isinstance(value, Ball) else _exact_interval(value, aval, batch)
 
   bounded = [k for k, b in enumerate(info.bounded) if b]
   consts_b = {k: interval(operands[k], in_avals[k]) for k in bounded if k < nc}
   carry_pos = [k for k in bounded if nc <= k < nc + nk]
   xs_pos = [k for k in bounded if k >= nc + nk]
   carry_b = [interval(operands[k], in_avals[k]) for k in carry_pos]
-  xs_b = [operands[k] if isinstance(operands[k], Interval) else _as_interval(operands[k], dom) for k in xs_pos]
+  xs_b = _time_major([operands[k] if isinstance(operands[k], Interval) else jax.vmap(_as_interval)(operands[k], dom)
+                      for k in xs_pos])
   e_consts, e_carry, e_xs = _split_exact(info, operands)
 
   def body(carry, x_t):
@@ -295,7 +314,7 @@ def _scan_forward(node, ins, dom, relax, keep_state):
     init = {v: given[n.const] for v, n in enumerate(g.nodes) if n.kind == 'input'}
     syms = [o.node for o in g.output if isinstance(o, graph_lib.Sym)]
     keep = _state_nodes(g.nodes, relax, syms) if keep_state else set()
-    vals, st = _forward(g.nodes, init, syms, dom, relax, keep, batched=False)
+    vals, st = _forward(g.nodes, init, syms, dom, relax, keep)
     found = dict(zip(syms, vals))
     outs = [found[o.node] if isinstance(o, graph_lib.Sym) else o for o in g.output]
     new_cb = [interval(outs[k - nc], out_avals[k - nc]) for k in carry_pos]
@@ -308,23 +327,24 @@ def _scan_forward(node, ins, dom, relax, keep_state):
   (cb, _), (ys, st, carries) = lax.scan(body, (carry_b, carry_e), (xs_b, xs_e), length=info.length,
                                         reverse=info.reverse)
   finals = dict(zip([k - nc for k in carry_pos], cb)) | dict(
-      zip([j for j in range(nk, len(out_avals)) if info.out_bounded[j]], ys))
+      zip([j for j in range(nk, len(out_avals)) if info.out_bounded[j]], _time_major(ys)))
   return [finals[j] if b else None for j, b in enumerate(info.out_bounded)], (st, carries)
 
 
 def _scan_backward(node, coeffs: dict, state, relax):
-  """Coefficients on a scan node's symbolic operands from those on its outputs (reverse ``lax.scan``)."""
+  """Coefficients ``[B, S, ...]`` on a scan node's symbolic operands from those on its outputs (reverse
+  ``lax.scan``)."""
   info = node.const
   nc, nk = info.n_consts, info.n_carry
   st, carries = state
   some = next(iter(coeffs.values()))
-  rows, dtype = some.shape[0], some.dtype
+  lead, dtype = some.shape[:2], some.dtype
   in_avals, out_avals = info.body.in_avals, info.body.out_avals
-  zeros = lambda shape: jnp.zeros((rows,) + tuple(shape), dtype)
+  zeros = lambda shape: jnp.zeros(lead + tuple(shape), dtype)
   carried = [j for j in range(nk) if info.bounded[nc + j]]
   ys_out = [j for j in range(nk, len(out_avals)) if info.out_bounded[j]]
   a_carry = [coeffs.get(j, zeros(out_avals[j].shape)) for j in carried]
-  a_ys = [jnp.swapaxes(coeffs.get(j, zeros((info.length,) + tuple(out_avals[j].shape))), 0, 1) for j in ys_out]
+  a_ys = [jnp.moveaxis(coeffs.get(j, zeros((info.length,) + tuple(out_avals[j].shape))), 2, 0) for j in ys_out]
   consts_b = [k for k in range(nc) if info.bounded[k]]
   xs_b = [k for k in range(nc + nk, len(in_avals)) if info.bounded[k]]
   e_consts, e_carry, e_xs = _split_exact(info, list(info.exact))
@@ -354,11 +374,11 @@ def _scan_backward(node, coeffs: dict, state, relax):
     a_k = [acc + get(k) for acc, k in zip(a_k, consts_b)]
     return (new_a_c, a_k, bias), [get(k) for k in xs_b]
 
-  init = (a_carry, [zeros(in_avals[k].shape) for k in consts_b], jnp.zeros((rows,), dtype))
+  init = (a_carry, [zeros(in_avals[k].shape) for k in consts_b], jnp.zeros(lead, dtype))
   (a_c, a_k, bias), a_xs = lax.scan(body, init, (st, carries, xs_e, a_ys), length=info.length,
                                     reverse=not info.reverse)
   by_operand = dict(zip(consts_b, a_k)) | dict(zip([nc + j for j in carried], a_c))
-  by_operand |= {k: jnp.swapaxes(a, 0, 1) for k, a in zip(xs_b, a_xs)}
+  by_operand |= {k: jnp.moveaxis(a, 0, 2) for k, a in zip(xs_b, a_xs)}
   out = []
   for k, a in sorted(by_operand.items()):
     if info.exact[k] is None:
@@ -393,12 +413,12 @@ def _state_nodes(nodes, relax: bool, outputs) -> set[int]:
   return {v for v in reached if nodes[v].kind in ('max', 'reduce_max', 'scan')}
 
 
-def _forward(nodes, init, outputs, dom, relax, keep_state, batched, targets=(), need=None, chunk_rows=0):
-  """Bounds of every node in topological order (IBP, refined by CROWN on ``targets``), for one example or,
-  ``batched``, for a batch (leading axis of every value; ``dom`` batched). ``init``: values of the input
-  nodes. Returns the values of ``outputs`` and, for the nodes in ``keep_state``, what backward passes need:
-  the relaxation (``relax``) or the interval of each maximum, and the per-iteration state of each scan."""
-  lift = jax.vmap if batched else (lambda f: f)
+def _forward(nodes, init, outputs, dom, relax, keep_state, targets=(), need=None, chunk_rows=0):
+  """Bounds of every node in topological order (IBP, refined by CROWN on ``targets``) for a batch of examples
+  (the leading axis of every value; ``dom`` batched): each node's rule per example (``jax.vmap``), a scan as
+  one loop over the batch. ``init``: values of the input nodes. Returns the values of ``outputs`` and, for the
+  nodes in ``keep_state``, what backward passes need: the relaxation (``relax``) or the interval of each
+  maximum, and the per-iteration state of each scan."""
   keep = set(outputs)
   last_use = {i: v for v, n in enumerate(nodes) for i in n.inputs}
   vals: dict[int, Any] = {}
@@ -410,20 +430,20 @@ def _forward(nodes, init, outputs, dom, relax, keep_state, batched, targets=(), 
     elif node.kind == 'part':
       val = ins[0][node.const]
     elif node.kind == 'scan':
-      val, scan_state = lift(lambda i, d: _scan_forward(node, i, d, relax, v in keep_state))(ins, dom)
+      val, scan_state = _scan_forward(node, ins, dom, relax, v in keep_state)
       if v in keep_state:
         state[v] = scan_state
     else:
-      val = lift(lambda i, d: _ibp_step(node, i, d))(ins, dom)
+      val = jax.vmap(lambda i, d: _ibp_step(node, i, d))(ins, dom)
     if v in targets:
       lo, hi = _node_bounds(nodes, state, v, dom, need[v], chunk_rows)
       val = _intersect(jax.vmap(_as_interval)(val, dom), Interval(lo, hi))
     vals[v] = val
     if node.kind in ('max', 'reduce_max') and v in keep_state:
       if relax:
-        state[v] = lift(lambda i, d: _relaxation(node, [_as_interval(a, d) for a in i]))(ins, dom)
+        state[v] = jax.vmap(lambda i, d: _relaxation(node, [_as_interval(a, d) for a in i]))(ins, dom)
       else:
-        state[v] = lift(_as_interval)(val, dom)
+        state[v] = jax.vmap(_as_interval)(val, dom)
     for i in set(node.inputs):
       if last_use[i] == v and i not in keep:
         del vals[i]
@@ -459,7 +479,7 @@ def _needed(nodes, dom, targets):
   unstable maximum (by IBP) through element-selecting maps (auto_LiRPA's sparse intermediate bounds). Any
   element stable under IBP stays stable under the tighter bounds, so skipping the others loses nothing."""
   wanted = sorted({i for n in nodes if n.kind in ('max', 'reduce_max') for i in n.inputs})
-  vals, _ = _forward(nodes, {0: jax.vmap(_initial)(dom)}, wanted, dom, False, set(), batched=True)
+  vals, _ = _forward(nodes, {0: jax.vmap(_initial)(dom)}, wanted, dom, False, set())
   ivs = {v: jax.vmap(_as_interval)(val, dom) for v, val in zip(wanted, vals)}
   masks: dict[int, Any] = {}
 
@@ -485,6 +505,11 @@ def _needed(nodes, dom, targets):
   return {v: masks[v] > 0 for v in targets}
 
 
+def _concretize(dom: domain_lib.Domain, A):
+  """``Domain.concretize`` of each example's rows ``A [B, S, ...]``; ``dom`` batched."""
+  return jax.vmap(lambda d, a: d.concretize(a))(dom, A)
+
+
 def _node_bounds(nodes, state, v, dom, need, chunk_rows):
   """CROWN bounds of the needed elements of node ``v`` for a batch of examples; (-inf, inf) elsewhere.
 
@@ -501,14 +526,14 @@ def _node_bounds(nodes, state, v, dom, need, chunk_rows):
   count = jnp.max(jnp.sum(need, axis=1))
   inf = jnp.full((need.shape[0], 2 * chunk), jnp.inf, dtype)
 
-  def one(rows, state_e, dom_e):
-    e = jax.nn.one_hot(rows, n, dtype=dtype).reshape((chunk,) + tuple(shape))
-    bias, at_inputs = _backward(nodes, state_e, {v: jnp.concatenate([e, -e])}, relax=True)
-    return bias + dom_e.concretize(at_inputs[0]) if 0 in at_inputs else bias
+  def one(rows):
+    e = jax.nn.one_hot(rows, n, dtype=dtype).reshape(rows.shape + tuple(shape))
+    bias, at_inputs = _backward(nodes, state, {v: jnp.concatenate([e, -e], axis=1)}, relax=True)
+    return bias + _concretize(dom, at_inputs[0]) if 0 in at_inputs else bias
 
   def run(k):
     rows = lax.dynamic_slice_in_dim(order, k * chunk, chunk, axis=1)
-    return lax.cond(k * chunk < count, lambda: jax.vmap(one)(rows, state, dom), lambda: -inf)
+    return lax.cond(k * chunk < count, lambda: one(rows), lambda: -inf)
 
   out = run(0)[None] if n_chunks == 1 else lax.map(run, jnp.arange(n_chunks))
   out = out.reshape(n_chunks, -1, 2, chunk)
@@ -527,8 +552,7 @@ def _propagate(graph: graph_lib.Graph, dom: domain_lib.Domain, method: str, chun
   need = _needed(nodes, dom, targets) if targets else None
   relax = method != 'ibp'
   keep_state = _state_nodes(nodes, relax, [graph.output.node])
-  _, state = _forward(nodes, {0: jax.vmap(_initial)(dom)}, [], dom, relax, keep_state, True, targets, need,
-                      chunk_rows)
+  _, state = _forward(nodes, {0: jax.vmap(_initial)(dom)}, [], dom, relax, keep_state, targets, need, chunk_rows)
   return state
 
 
@@ -549,14 +573,11 @@ def _spec_bounds(graph, dom, C, method, upper, chunk_rows):
     return value, (value if upper else None)
   state = _propagate(graph, dom, method, chunk_rows)
   rows = C.shape[1]
-
-  def one(C_e, state_e, dom_e):
-    A0 = C_e.reshape((rows,) + tuple(out.shape))
-    A0 = jnp.concatenate([A0, -A0]) if upper else A0
-    bias, at_inputs = _backward(graph.nodes, state_e, {out.node: A0}, method != 'ibp')
-    return bias + dom_e.concretize(at_inputs[0]) if 0 in at_inputs else bias
-
-  res = jax.vmap(one)(C, state, dom)
+  A0 = C.reshape(C.shape[:2] + tuple(out.shape))
+  A0 = jnp.concatenate([A0, -A0], axis=1) if upper else A0
+  res, at_inputs = _backward(graph.nodes, state, {out.node: A0}, method != 'ibp')
+  if 0 in at_inputs:
+    res = res + _concretize(dom, at_inputs[0])
   return (res[:, :rows], -res[:, rows:]) if upper else (res, None)
 
 
