@@ -1,5 +1,6 @@
 """The methods as configs: every ``configs/*.py:smoke`` search runs through the real ``jaxnas.main`` and writes
-genotype.json (the DARTS one is then measured by ``jaxnas probe``), and each method config wires the paper's
+genotype.json (the DARTS one is then measured by ``jaxnas probe``; DSRNA-CB's certified-bound objective is
+recomputed by ``jaxnas.certify`` at the searched weights), and each method config wires the paper's
 objectives, combiner and schedule.
 
 The smoke runs add one shrink to every config (``SHRINK``: C=2, 3 cells of 2 nodes, two cheap primitives,
@@ -20,7 +21,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxnas import cli, data, genotypes, main, probe, schedules
+from jaxnas import certify, cli, data, genotypes, main, probe, schedules
 from jaxnas.objectives import compose, curvature
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -77,6 +78,8 @@ def test_smoke_config_searches_through_main_and_writes_the_genotype(name, tmp_pa
     assert any('arch/constraint' in r for r in steps)
   if name == 'darts':
     _check_probe(tmp_path, capsys)
+  if name == 'dsrna_cb':
+    _check_certified_bound(tmp_path, records)
 
 
 def _check_probe(workdir, capsys):
@@ -89,6 +92,44 @@ def _check_probe(workdir, capsys):
   assert 0 <= result['acc'] <= 1 and 0 <= result['pgd_acc'] <= 1 and result['curvature'] > 0 < result['jacobian']
   with pytest.raises(ValueError, match=r'only 1484 held-out training examples after the first 16, 5000 requested'):
     probe.held_out(ml_collections.ConfigDict({'source': 'digits', 'num_examples': 16}), 5000)
+
+
+def _check_certified_bound(workdir, records):
+  """DSRNA-CB's search: the upper loss is ``CE - 0.01 R``, and its objective's value is the certified lower bound
+  of the supernet's margins computed by ``jaxnas.certify`` at the searched weights and alphas."""
+  steps = [r for r in records if 'val/certified_margin' in r]
+  assert len(steps) == 4
+  for r in steps:  # the objective reports -R, R and the eps it used
+    assert r['val/certified_margin'] == pytest.approx(-r['val/certified_margin_margin'])
+    assert r['val/loss'] == pytest.approx(r['val/ce'] + 0.01 * r['val/certified_margin'], rel=1e-5)
+    assert 0.003 - 1e-9 <= r['val/certified_margin_eps'] <= 0.3 + 1e-9
+    assert 0 <= r['val/certified_margin_certified'] <= 1
+
+  # At the searched weights and alphas, on 4 training digits: the objective is -mean_i min_j LB_ij of the
+  # supernet in inference mode, with eps = 0.03 * clip(1 / gap(0.03), 0.1, 10) from the bounds' width.
+  config, model, state = probe.load_search(str(workdir))
+  spec = compose.specs_from_config(config.search.upper, 'upper')[1]
+  objective = compose.build(spec, model, (8, 8, 1))
+  digits = data.load(config.data)
+  x, y = jnp.asarray(digits.train_images[:4], jnp.float32) / 255, jnp.asarray(digits.train_labels[:4])
+  logits_fn = model.logits_fn({'params': state.params, 'batch_stats': state.batch_stats}, state.alphas)
+
+  @jax.jit
+  def both(state):
+    value, aux = objective(state.params, state.batch_stats, state.alphas, {'image': x, 'label': y}, None)
+    C = certify.margin_spec(y, 10)
+    lower, upper = certify.bounds(logits_fn, x, 0.03, 'linf', 'crown-ibp', C=C, box=(0.0, 1.0))
+    eps = 0.03 * jnp.clip(1.0 / jnp.mean(upper - lower), 0.1, 10.0)
+    reference = certify.margin_lower_bounds(logits_fn, x, y, eps, 'linf', 'crown-ibp', box=(0.0, 1.0))
+    return value, aux.metrics, eps, reference, logits_fn(x)
+
+  value, metrics, eps, reference, logits = both(state)
+  np.testing.assert_allclose(metrics['eps'], eps, rtol=1e-6)
+  np.testing.assert_allclose(value, -jnp.mean(jnp.min(reference, axis=1)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(metrics['certified'], jnp.mean(jnp.min(reference, axis=1) > 0))
+  # A lower bound of the margins: never above the clean margins.
+  clean = jnp.min(certify.margin_spec(y, 10) @ logits[:, :, None], axis=(1, 2))
+  assert np.all(np.min(reference, axis=1) <= clean + 1e-6) and math.isfinite(float(value))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,6 +213,21 @@ def test_advrush_weight_reproduces_the_original_regulariser(x64):
   z = 1.5 * jnp.sign(g) / jnp.linalg.norm(jnp.sign(g).reshape(b, -1), axis=1)[:, None, None, None]
   r_orig = jnp.mean(jnp.linalg.norm((jax.grad(mean_loss)(x_n + z) - g).reshape(b, -1), axis=1))
   assert float(ours) == pytest.approx(0.01 * 4 * float(r_orig), rel=1e-10)
+
+
+def test_dsrna_cb_paper_settings():
+  dsrna = _config_module('dsrna_cb')
+  c = dsrna.get_config()
+  assert (c.model.space, c.model.init_channels, c.model.layers, c.search.epochs, c.search.batch_size) == (
+      'darts', 16, 8, 50, 256)
+  assert (c.optim.lr, c.optim.momentum, c.optim.weight_decay) == (0.1, 0.9, 3e-4)
+  assert (c.arch.lr, c.arch.b1, c.arch.b2, c.arch.weight_decay, c.arch.order) == (6e-4, 0.5, 0.999, 3e-4, 2)
+  ce, cb = c.search.upper
+  assert (ce.name, ce.weight, cb.name, cb.weight) == ('ce', 1.0, 'certified_margin', 0.01)
+  assert (cb.kwargs.eps, cb.kwargs.norm, cb.kwargs.method, cb.kwargs.adapt_eps) == (0.03, 'linf', 'crown-ibp', True)
+  assert dsrna.get_config('l2').search.upper[1].kwargs.norm == 'l2'
+  with pytest.raises(ValueError, match=r"unknown config argument\(s\) \['l1'\]"):
+    dsrna.get_config('l1')
 
 
 def test_dsrna_jacobian_regulariser():
