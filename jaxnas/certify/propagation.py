@@ -302,8 +302,7 @@ def _scan_forward(node, ins, dom, relax, keep_state):
   carry_pos = [k for k in bounded if nc <= k < nc + nk]
   xs_pos = [k for k in bounded if k >= nc + nk]
   carry_b = [interval(operands[k], in_avals[k]) for k in carry_pos]
-  xs_b = _time_major([operands[k] if isinstance(operands[k], Interval) else jax.vmap(_as_interval)(operands[k], dom)
-                      for k in xs_pos])
+  xs_b = _time_major([interval(operands[k], in_avals[k]) for k in xs_pos])  # symbolic: intervals or balls
   e_consts, e_carry, e_xs = _split_exact(info, operands)
 
   def body(carry, x_t):
