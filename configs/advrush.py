@@ -7,8 +7,10 @@ r"""AdvRush (Mok et al. 2021): DARTS plus a curvature regulariser of the input l
 First-order DARTS on CIFAR-10 (C=16, 8 cells, half of the training set for the alphas), batch 32, 60 epochs,
 DARTS' optimizers. From epoch 50 (after 50 warm-up epochs) the architecture loss is
 ``L_val + gamma * lambda * R`` (Eq. 10), ``R = mean_i ||grad_x l(x_i + z_i) - grad_x l(x_i)||_2`` along
-``z = h sign(grad_x l) / ||sign(grad_x l)||_2`` (CURE), ``h`` ramped 0, 0.3, ..., 1.5 over the first regularised
-epochs; ``gamma = 0.01`` and the original's ``lambda = 4`` (an effective 0.04).
+``z = h sign(grad_x l) / ||sign(grad_x l)||_2`` (CURE), both gradients of the supernet in inference mode (the
+original's ``net.eval()``); ``h`` is the original's per-epoch ramp 0, 0.3, ..., 1.5 indexed by the search epoch,
+so every regularised epoch uses 1.5 (the paper's value); ``gamma = 0.01`` and the original's ``lambda = 4`` (an
+effective 0.04).
 
 The effective weight, explicitly: the original computes R with a batch-mean cross-entropy (every input
 gradient 1/B of the per-example one) in mean/std-normalised input space (gradients ``std`` times the [0, 1]

@@ -188,6 +188,7 @@ def test_advrush_curvature_after_warmup_with_the_effective_weight():
   reg = c.search.upper[1]
   assert reg.start_epoch == 50 and reg.kwargs.estimator == 'finite_difference'
   np.testing.assert_allclose(reg.kwargs.h, np.array([0, 0.3, 0.6, 0.9, 1.2, 1.5]) * 0.2507)
+  assert len(reg.kwargs.h) <= reg.start_epoch  # indexed by the search epoch: every regularised epoch uses h = 1.5
   assert {p.upper for p in _phases(c, 49)} == {('ce',)} and {p.upper for p in _phases(c, 50)} == {('ce', 'curvature')}
   hvp = advrush.get_config('hvp')
   assert hvp.search.upper[1].kwargs.estimator == 'hvp' and hvp.model.depthwise == 'autodiff'

@@ -72,14 +72,18 @@ B, D, K = 3, 6, 4
 
 class _TinyModel:
   """``Supernet.apply``'s signature over a tiny net whose hidden activation is a softmax(alpha) mixture of
-  tanh and sin (no BatchNorm: train and eval mode agree)."""
+  tanh and sin. With ``batch_stats`` (``mean``, ``var``) its hidden layer is normalised like BatchNorm: by the
+  batch's statistics in train mode, by the stored ones in eval mode; without, train and eval mode agree."""
 
   def apply(self, variables, alphas, x, train=False, return_features=False):
-    p = variables['params']
+    p, stats = variables['params'], variables['batch_stats']
     w = jax.nn.softmax(alphas['normal'])
     hidden = x.reshape(x.shape[0], -1) @ p['w1']
+    if stats:
+      mean, var = (jnp.mean(hidden, 0), jnp.var(hidden, 0)) if train else (stats['mean'], stats['var'])
+      hidden = (hidden - mean) / jnp.sqrt(var + 1e-5)
     features = w[0] * jnp.tanh(hidden) + w[1] * jnp.sin(hidden)
-    out = (features @ p['w2'],) + ((variables['batch_stats'],) if train else ())
+    out = (features @ p['w2'],) + ((stats,) if train else ())
     out += ([features[:, None, :, None]],) if return_features else ()  # one "cell": [B, 1, 5, 1]
     return out if len(out) > 1 else out[0]
 
@@ -93,12 +97,17 @@ def _curvature_problem():
   return params, alphas, batch
 
 
-def _hessians(params, alphas, batch):
-  """Per-example D x D input Hessians of the cross-entropy by jax.hessian, and the input gradients."""
+def _running_stats():
+  return {'mean': jnp.asarray([0.5, -0.2, 0.1, 0.0, 0.3]), 'var': jnp.asarray([1.5, 0.8, 2.0, 1.0, 0.6])}
+
+
+def _hessians(params, alphas, batch, batch_stats):
+  """Per-example D x D input Hessians of the cross-entropy by jax.hessian (the model in eval mode, each
+  example alone), and the input gradients."""
   model = _TinyModel()
 
   def loss(xi, yi):
-    logits = model.apply({'params': params, 'batch_stats': {}}, alphas, xi[None])
+    logits = model.apply({'params': params, 'batch_stats': batch_stats}, alphas, xi[None])
     return -jax.nn.log_softmax(logits)[0, yi]
   x = batch['image']
   hess = jax.vmap(jax.hessian(loss))(x, batch['label']).reshape(B, D, D)
@@ -112,25 +121,31 @@ def _objective(**kwargs):
 
 
 def test_curvature_objective_estimators_match_explicit_hessians(x64):
+  """In inference mode (running statistics, as the original's ``net.eval()``), with ``h`` indexed by the search
+  epoch (the original's ``h_all[epoch]``), not counted from the objective's start epoch."""
   params, alphas, batch = _curvature_problem()
-  hess, grads = _hessians(params, alphas, batch)
-  ramp = (0.0, 0.2, 0.4, 0.6)  # epoch 7 is the third epoch after start_epoch 5: h = 0.4
-  z = 0.4 * np.sign(grads) / np.sqrt(D)  # the CURE direction, ||z_i|| = h
+  stats = _running_stats()
+  hess, grads = _hessians(params, alphas, batch, stats)
+  ramp = tuple(0.1 * k for k in range(9))  # epoch 7: h = 0.7 (counted from start_epoch 5 it would be 0.2)
+  z = 0.7 * np.sign(grads) / np.sqrt(D)  # the CURE direction, ||z_i|| = h
   exact = np.mean(np.linalg.norm(np.einsum('bij,bj->bi', hess, z), axis=1))
-  args = (params, {}, alphas, batch, jax.random.key(0))
+  args = (params, stats, alphas, batch, jax.random.key(0))
   value, aux = _objective(h=ramp, estimator='hvp')(*args)
-  assert float(aux.metrics['h']) == pytest.approx(0.4) and float(value) == pytest.approx(exact, rel=1e-10)
+  assert float(aux.metrics['h']) == pytest.approx(0.7) and float(value) == pytest.approx(exact, rel=1e-10)
+  # The batch's statistics would give another value (and couple the examples' input gradients).
+  train_value, _ = _objective(h=ramp, estimator='hvp', mode='train', direction_mode='train')(*args)
+  assert abs(float(train_value) - exact) > 0.01 * exact
   # The finite difference converges to it at O(h) (Eq. 10 -> Eq. 9 as h -> 0, z scaled with h).
   errors = []
   for h in (1e-2, 1e-3):
     fd, _ = _objective(h=h)(*args)
-    errors.append(abs(float(fd) / h - exact / 0.4) / (exact / 0.4))
+    errors.append(abs(float(fd) / h - exact / 0.7) / (exact / 0.7))
   assert errors[1] < 2e-3 and errors[1] < 0.2 * errors[0]
   # Hutchinson: unbiased for mean_i ||H_i||_F^2 (many single-probe draws, within 4 standard errors).
   frobenius = np.mean(np.sum(hess**2, axis=(1, 2)))
   one = compose.build(compose.spec_from_config({'name': 'curvature', 'kwargs': {'estimator': 'frobenius'}}, 'x'),
                       _TinyModel(), (2, 3))
-  draws = np.asarray(jax.jit(jax.vmap(lambda k: one(params, {}, alphas, batch, k)[0]))(
+  draws = np.asarray(jax.jit(jax.vmap(lambda k: one(params, stats, alphas, batch, k)[0]))(
       jax.random.split(jax.random.key(1), 4000)))
   assert abs(draws.mean() - frobenius) < 4 * draws.std(ddof=1) / np.sqrt(draws.size)
   with pytest.raises(ValueError, match="curvature estimator='cure'"):

@@ -49,10 +49,9 @@ Objective = Callable[..., tuple[jax.Array, Aux]]
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-  """What a builder may use: the search model, the input shape (H, W, C) and the objective's start epoch."""
+  """What a builder may use: the search model and the input shape (H, W, C)."""
   model: Any
   input_shape: tuple[int, ...]
-  start_epoch: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +130,7 @@ def specs_from_config(entries: Sequence, where: str) -> tuple[ObjectiveSpec, ...
 @functools.lru_cache(maxsize=None)
 def build(spec: ObjectiveSpec, model, input_shape: tuple[int, ...]) -> Objective:
   """The objective function of a spec (cached: cost tables and closures are built once per model)."""
-  ctx = Context(model, tuple(input_shape), spec.start_epoch)
+  ctx = Context(model, tuple(input_shape))
   return OBJECTIVES[spec.name](ctx, **dict(spec.kwargs))
 
 
@@ -254,7 +253,7 @@ def fix_adversarial(spec: ObjectiveSpec, model, input_shape: tuple[int, ...], pa
     return batch
   args = _attack_args(*(kwargs[k] for k in ('attack', 'eps', 'step_size', 'steps', 'norm', 'random_start',
                                             'attack_mode')))
-  ctx = Context(model, tuple(input_shape), spec.start_epoch)
+  ctx = Context(model, tuple(input_shape))
   return {**batch, 'adv_image': _adversarial(ctx, params, batch_stats, alphas, batch, rng, **args)}
 
 
@@ -296,13 +295,16 @@ CURVATURE_ESTIMATORS = ('finite_difference', 'hvp', 'frobenius')
 
 
 @register('curvature')
-def curvature_regularizer(ctx: Context, h=1.5, direction_mode: str = 'eval', mode: str = 'train',
+def curvature_regularizer(ctx: Context, h=1.5, direction_mode: str = 'eval', mode: str = 'eval',
                           estimator: str = 'finite_difference', n_samples: int = 1) -> Objective:
   """AdvRush's curvature regulariser (Eq. 10, CURE): ``mean_i ||grad_x l(x_i + z_i) - grad_x l(x_i)||``.
 
-  The direction ``z = h sign(g) / ||sign(g)||`` comes from the network in ``direction_mode`` (the original:
-  eval mode); the gradient difference is taken in ``mode``. ``h`` is a number or a per-epoch ramp counted
-  from the objective's ``start_epoch`` (AdvRush: ``(0, 0.3, 0.6, 0.9, 1.2, 1.5)``), in [0, 1] pixel units.
+  The direction ``z = h sign(g) / ||sign(g)||`` comes from the network in ``direction_mode``, the gradient
+  difference is taken in ``mode``: both inference mode by default, as in the original (its regulariser runs
+  ``net.eval()``), where every example's input gradient is its own (``objectives.curvature``); in train mode
+  the batch statistics couple the examples. ``h`` is a number or a per-epoch ramp indexed by the search epoch
+  (the original's ``h_all[epoch]``: AdvRush's ``(0, 0.3, 0.6, 0.9, 1.2, 1.5)`` is over long before the
+  regulariser starts at epoch 50, so every regularised epoch uses 1.5), in [0, 1] pixel units.
   ``estimator``: ``'finite_difference'`` (Eq. 10); ``'hvp'`` the exact ``mean_i ||H_i z_i||`` along the same
   ``z`` (a ``jax.jvp`` of the input gradient, Eq. 9 without the difference); ``'frobenius'`` the ideal term of
   Eq. 8 as Hutchinson's unbiased estimate of ``mean_i ||H_i||_F^2`` from ``n_samples`` Rademacher probes (no
@@ -322,7 +324,7 @@ def curvature_regularizer(ctx: Context, h=1.5, direction_mode: str = 'eval', mod
     if estimator == 'frobenius':
       value = curvature.hessian_frobenius_hutchinson(loss_in(mode), x, y, rng, n_samples)
       return value, Aux(batch_stats, {})
-    h_now = _ramp(h_values, batch['epoch'] - ctx.start_epoch)
+    h_now = _ramp(h_values, batch['epoch'])
     z = curvature.cure_direction(loss_in(direction_mode), x, y, h_now)
     if estimator == 'hvp':
       value = curvature.hessian_vector_norm(loss_in(mode), x, y, z)
