@@ -238,6 +238,8 @@ def _search(config, workdir: str, console: workdir_lib.Console):
   # ----------------------------------------------------------------------------
   ckpt_dir = workdir_lib.path(workdir, workdir_lib.CHECKPOINTS)
   workdir = output_dir(workdir)
+  if checkpoint.latest_step(ckpt_dir) is not None:
+    workdir_lib.check_same_run(workdir, config)
   workdir_lib.write_config(workdir, config)
   dataset = data.load(config.data)
   train, val = data.search_split(dataset, config.data.val_fraction, seed=None)

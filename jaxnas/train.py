@@ -383,6 +383,7 @@ def _train(config, workdir: str, console: workdir_lib.Console):
     if previous != genotype:
       raise ValueError(f'{workdir} holds a training run of another genotype ({workdir}/genotype.json): use a new '
                        'workdir for this one')
+    workdir_lib.check_same_run(search.output_dir(workdir), config)
     payload = checkpoint.restore_checkpoint(ckpt_dir, _payload(state, steps_per_epoch))
     if payload['steps_per_epoch'] != steps_per_epoch:
       raise ValueError(f'the checkpoint in {ckpt_dir} was written with {payload["steps_per_epoch"]} steps per '

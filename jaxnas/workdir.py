@@ -12,7 +12,8 @@ Layout of a search workdir::
   alphas.npz           the final alphas, one array per cell type
 
 Restarting the same command in the same workdir resumes from the latest checkpoint; metric lines written
-after that checkpoint by the interrupted run are dropped so the files read as one run.
+after that checkpoint by the interrupted run are dropped so the files read as one run. Restarting with another
+config is refused (``check_same_run``), except for the fields of ``RESUMABLE_CHANGES``.
 """
 from __future__ import annotations
 
@@ -54,10 +55,46 @@ def _atomic_write(filename: str, write) -> None:
   os.replace(tmp, filename)
 
 
-def write_config(workdir: str, config) -> None:
-  text = config.to_json_best_effort(indent=2, sort_keys=True) if hasattr(config, 'to_json_best_effort') \
+# Fields a resumed run may change: where the data lies, how often to log and checkpoint, where to stop, the
+# devices (jaxnas.parallel: the same global batch gives the same run) and the evaluation settings.
+RESUMABLE_CHANGES = ('mode', 'max_steps', 'train.max_steps', 'parallel', 'checkpoint_every_steps',
+                     'keep_checkpoints', 'log_every_steps', 'data.data_dir', 'evaluate', 'train.eval_every_epochs',
+                     'train.eval_examples', 'train.eval_batch_size', 'train.eval_eps', 'train.eval_steps')
+
+
+def _config_text(config) -> str:
+  return config.to_json_best_effort(indent=2, sort_keys=True) if hasattr(config, 'to_json_best_effort') \
       else json.dumps(config, indent=2, sort_keys=True)
+
+
+def write_config(workdir: str, config) -> None:
+  text = _config_text(config)
   _atomic_write(path(workdir, CONFIG), lambda f: f.write(text.encode() + b'\n'))
+
+
+def _flatten(tree, prefix: str = '') -> dict:
+  if isinstance(tree, dict):
+    return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f'{prefix}{key}.').items()}
+  return {prefix[:-1]: tree}
+
+
+def check_same_run(workdir: str, config) -> None:
+  """Raises a one-line ``ValueError`` when ``workdir``'s ``config.json`` (the run a checkpoint there belongs
+  to) differs from ``config`` in a field outside ``RESUMABLE_CHANGES``: resuming would silently continue
+  another run. Fields only one of them has (a config of another jaxnas version) are not compared."""
+  filename = path(workdir, CONFIG)
+  if not os.path.isfile(filename):
+    return
+  with open(filename, encoding='utf-8') as f:
+    before = _flatten(json.load(f))
+  now = _flatten(json.loads(_config_text(config)))
+  free = lambda key: any(key == k or key.startswith(k + '.') for k in RESUMABLE_CHANGES)
+  changed = [k for k in sorted(before.keys() & now.keys()) if before[k] != now[k] and not free(k)]
+  if changed:
+    shown = ', '.join(f'{k}: {before[k]!r} -> {now[k]!r}' for k in changed[:4])
+    more = f' and {len(changed) - 4} more' if len(changed) > 4 else ''
+    raise ValueError(f'{workdir} holds a run of another config ({shown}{more}): rerun with its config '
+                     f'({filename}) to resume it, or use a new workdir')
 
 
 def save_genotype(filename: str, genotype: genotypes.Genotype) -> None:

@@ -100,7 +100,7 @@ def test_search_on_mock_tfds_and_npz_writes_the_workdir_without_retracing(tmp_pa
   assert json.loads((tmp_path / 'tfds' / 'config.json').read_text())['data']['name'] == 'cifar10'
 
 
-def test_resume_gives_the_alphas_of_an_uninterrupted_run(tmp_path, npz_path):
+def test_resume_gives_the_alphas_of_an_uninterrupted_run(tmp_path, npz_path, capsys):
   # 8 train / 8 val images, batch 4: 2 steps per epoch, 3 epochs. Stop after 3 steps (mid-epoch), resume.
   args = ['--config.data.source=npz', f'--config.data.path={npz_path}', '--config.search.epochs=3',
           '--config.checkpoint_every_steps=100']
@@ -108,8 +108,15 @@ def test_resume_gives_the_alphas_of_an_uninterrupted_run(tmp_path, npz_path):
   assert run_main(args + ['--config.max_steps=3'], resumed) == 0
   assert checkpoint.latest_step(str(resumed / 'checkpoints')) == 3
   assert not (resumed / 'genotype.json').exists()
+  # Another config in the same workdir is refused, naming what differs (nothing is overwritten); where to stop,
+  # how often to log and the devices may change.
+  config_json = (resumed / 'config.json').read_text()
+  assert run_main(args + ['--config.optim.lr=0.1', '--config.max_steps=3'], resumed) == 1
+  assert re.fullmatch(rf"error: {resumed} holds a run of another config \(optim.lr: 0.025 -> 0.1\): rerun with its "
+                      rf"config \({resumed}/config.json\) to resume it, or use a new workdir", _last_error_line(capsys))
+  assert (resumed / 'config.json').read_text() == config_json
   compiled = _compiled()
-  assert run_main(args, resumed) == 0  # the same command without the stop continues from step 3
+  assert run_main(args + ['--config.log_every_steps=1'], resumed) == 0  # continues from step 3
   assert _compiled() == compiled  # the restored state runs the already compiled steps
   assert run_main(args, straight) == 0
   assert 'resuming at step 3/6' in (resumed / 'log.txt').read_text()

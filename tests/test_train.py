@@ -240,9 +240,15 @@ def test_errors_are_one_line(tmp_path, args, match, capsys):
   assert re.fullmatch(match, last_error_line(capsys))
 
 
-def test_resuming_with_another_genotype_is_refused(tmp_path, capsys):
+def test_resuming_with_another_genotype_or_config_is_refused(tmp_path, capsys):
   workdir = tmp_path / 'copy'
   assert run_main(STD + ['--config.train.max_steps=2'], workdir) == 0
   assert run_main(STD + ['--config.genotype=DARTS_V1'], workdir) == 1
   assert re.fullmatch(r'error: .* holds a training run of another genotype .*: use a new workdir for this one',
                       last_error_line(capsys))
+  assert run_main(STD + ['--config.train.lr=0.1', '--config.train.max_steps=3'], workdir) == 1
+  assert re.fullmatch(r'error: .* holds a run of another config \(train.lr: [0-9.]+ -> 0.1\): rerun with its config '
+                      r'\(.*config.json\) to resume it, or use a new workdir', last_error_line(capsys))
+  # Monitoring settings may change.
+  assert run_main(STD + ['--config.train.eval_every_epochs=0', '--config.train.max_steps=3'], workdir) == 0
+  assert 'resuming at step 2/' in (workdir / 'log.txt').read_text()
