@@ -289,6 +289,7 @@ def evaluate_run(config, workdir: str) -> dict:
   net, variables, step = train.load_trained(workdir)
   dataset = data.load(config.data)
   _, test = train.splits(dataset, config.train.holdout_fraction, config.seed)
+  _check_input_shape(workdir, test.images)
   source = dict(checkpoint_step=step, data=dataset.name, holdout_fraction=config.train.holdout_fraction,
                 data_seed=config.seed)
   path = os.path.join(workdir, EVALUATION_JSON)
@@ -363,6 +364,16 @@ def _test_images(spec: str) -> data.Split:
   return data.load({'source': 'tfds', 'name': spec}).test
 
 
+def _check_input_shape(workdir: str, images) -> None:
+  """A one-line error when the test images' shape is not the one the network of ``workdir`` was trained on
+  (its ``network.json``): a fully convolutional network would otherwise run on them."""
+  with open(workdir_lib.path(workdir, train.NETWORK)) as f:
+    shape = tuple(json.load(f)['input_shape'])
+  if tuple(images.shape[1:]) != shape:
+    raise ValueError(f'the test images have shape {tuple(images.shape[1:])}, the network in {workdir} was trained '
+                     f'on images of shape {shape}: evaluate it on data of that shape')
+
+
 def _load(args) -> tuple[Callable, data.Split, str, dict]:
   """``(logits_fn, test images, output directory, source)`` of the command line."""
   path = os.path.normpath(args.checkpoint)
@@ -379,6 +390,7 @@ def _load(args) -> tuple[Callable, data.Split, str, dict]:
       test = _test_images(args.data)
     else:
       _, test = train.splits(data.load(config['data']), config['train']['holdout_fraction'], config['seed'])
+    _check_input_shape(path, test.images)
     source = dict(checkpoint=os.path.abspath(path), checkpoint_step=step, data=args.data or config['data'])
     return net.logits_fn(variables), test, args.output or path, source
   if not os.path.isfile(path):

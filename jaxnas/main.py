@@ -133,6 +133,8 @@ def parse_flags(argv):
     _error(_config_key_error(argv), 2)
   except (TypeError, ValueError) as e:
     _error(f'invalid config override: {_one_line(e)}', 2)
+  except SyntaxError as e:
+    _error(f'cannot load --config: SyntaxError: {e}', 2)
 
 
 def main(argv) -> int:
@@ -144,11 +146,16 @@ def main(argv) -> int:
     _error(f'unexpected arguments {argv[1:]}: pass settings as --config.<field>=<value>', 2)
   try:
     config, workdir = _CONFIG.value, _WORKDIR.value
-  except OSError as e:  # ml_collections reports a missing config file here
-    _error(f'cannot load --config: {_one_line(e)}', 2)
+    mode = None if config is None else config.get('mode', 'search')  # ml_collections loads the file lazily
+  except OSError as e:  # a missing config file, or one that does not run (the first error is the cause)
+    cause = e
+    while cause.__cause__ is not None:
+      cause = cause.__cause__
+    _error(f'cannot load --config: {type(cause).__name__}: {_one_line(cause)}', 2)
   if config is None or not workdir:
     _error('both --config (e.g. configs/quickstart.py) and --workdir are required', 2)
-  mode = config.get('mode', 'search')
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    _error(f'--workdir={workdir} is a file: name a directory (new, or a run to resume)', 2)
   if mode not in MODES:
     _error(f'unknown mode {mode!r}: set config.mode to one of {sorted(MODES)}', 2)
   if _CACHE.value:

@@ -314,6 +314,7 @@ def run(args: argparse.Namespace) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   if args.output:
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, 'w') as f:
       f.write(table)
   print(table, end='')

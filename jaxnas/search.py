@@ -192,13 +192,16 @@ def op_counts(genotype: genotypes.Genotype) -> dict[str, dict[str, int]]:
 
 def check_finite(metrics: dict, step: int, epoch: int, phase: schedules.Phase, last_checkpoint: str,
                  fix: str = 'lower the learning rates (config.optim.lr, config.arch.lr) or check the data') -> None:
-  """Raises a one-line FloatingPointError naming the first non-finite objective of a step, or the weights /
-  alphas when an update made them non-finite (``*_finite`` flags of the steps)."""
+  """Raises a one-line FloatingPointError naming the first non-finite objective of a step and its level, or the
+  weights / alphas when an update made them non-finite (``*_finite`` flags of the steps). ``step`` and ``epoch``
+  are numbered as the log numbers them (from 1)."""
   objectives = ([f'train/{label}' for label in phase.lower] + [f'val/{label}' for label in phase.upper])
   problem = None
   for key in objectives:
     if key in metrics and not math.isfinite(float(metrics[key])):
-      problem = f'{"NaN" if math.isnan(float(metrics[key])) else "inf"} in objective {key.split("/", 1)[1]!r}'
+      level, label = key.split('/', 1)
+      problem = (f'{"NaN" if math.isnan(float(metrics[key])) else "inf"} in the '
+                 f'{"weight" if level == "train" else "architecture"} step\'s objective {label!r}')
       break
   else:
     for key, what in (('arch/alphas_finite', 'alphas'), ('train/weights_finite', 'weights')):
@@ -338,7 +341,7 @@ def _search(config, workdir: str, console: workdir_lib.Console):
                                       train_batch, hparams)
       metrics = jax.device_get(metrics)
       metrics.update({'train/lr': hparams['w_lr'], 'arch/lr': hparams['a_lr']})
-      check_finite(metrics, step, epoch, phase, last_checkpoint)
+      check_finite(metrics, step + 1, epoch + 1, phase, last_checkpoint)
       metrics = {k: v for k, v in metrics.items() if not k.endswith('_finite')}
       state, step = new_state, step + 1
 

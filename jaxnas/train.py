@@ -440,7 +440,7 @@ def _train(config, workdir: str, console: workdir_lib.Console):
       batch = parallel.global_batch({'image': b.images, 'label': b.labels}, mesh)
       new_state, metrics = run_step(train_step, recipe, state, batch, hparams)
       metrics = dict(jax.device_get(metrics), **{'train/lr': hparams['lr']})
-      search.check_finite(metrics, step, epoch, nan_phase, last_checkpoint,
+      search.check_finite(metrics, step + 1, epoch + 1, nan_phase, last_checkpoint,
                           fix='lower config.train.lr or check the data')
       del metrics['train/weights_finite']
       state, step = new_state, step + 1

@@ -145,6 +145,14 @@ def test_npz_content_errors(tmp_path, arrays, match):
     data.load({'source': 'npz', 'path': path})
 
 
+def test_files_that_are_not_npz_archives(tmp_path):
+  np.save(tmp_path / 'one.npy', np.zeros((3, 4, 4, 1), np.uint8))
+  (tmp_path / 'text.npz').write_text('image,label\n')
+  for name, match in (('one.npy', 'holds a single array, not an .npz archive'), ('text.npz', 'is not an .npz archive')):
+    with pytest.raises(ValueError, match=rf'{name} {match}.*: save the data with np.savez'):
+      data.load({'source': 'npz', 'path': str(tmp_path / name)})
+
+
 def test_npz_test_shape_mismatch(tmp_path):
   train = _write_npz(tmp_path / 'a.npz', np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, int))
   test = _write_npz(tmp_path / 'b.npz', np.zeros((2, 5, 5, 3), np.uint8), np.zeros(2, int))

@@ -179,9 +179,12 @@ def test_evaluate_command_on_a_checkpoint_and_on_its_torch_state_dict(trained, t
     (['--checkpoint', '{bare}'], r'error: no checkpoint in .*/checkpoints: save one first .*'),
     (['--checkpoint', '{tmp}/model.npz'], r'error: a state dict needs --genotype \(the architecture\) and --data .*'),
     (['--checkpoint', '{trained}', '--attacks', 'deepfool'], r"error: unknown attack\(s\) \['deepfool'\]: .*"),
+    (['--checkpoint', '{trained}', '--data', '{tmp}/rgb.npz'], r'error: the test images have shape \(8, 8, 3\), the '
+     r'network in .* was trained on images of shape \(8, 8, 1\): evaluate it on data of that shape'),
 ])
 def test_evaluate_command_errors_are_one_line(trained, tmp_path, args, match, capsys):
   np.savez(tmp_path / 'model.npz', x=np.zeros(1))
+  np.savez(tmp_path / 'rgb.npz', image=np.zeros((4, 8, 8, 3), np.uint8), label=np.zeros(4, int))
   bare = tmp_path / 'bare'
   bare.mkdir()
   for name in ('network.json', 'genotype.json'):

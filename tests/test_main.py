@@ -138,7 +138,9 @@ def test_nan_loss_gives_a_one_line_error_and_keeps_the_last_good_checkpoint(tmp_
           '--config.checkpoint_every_steps=100']
   assert run_main(args, tmp_path) == 1
   error = _last_error_line(capsys)
-  assert re.fullmatch(r"error: NaN in objective 'ce' at step 3 \(epoch 1\); last good checkpoint kept at "
+  # Numbered as the log numbers them: the 4th step, in the 2nd epoch.
+  assert re.fullmatch(r"error: NaN in the weight step's objective 'ce' at step 4 \(epoch 2\); last good checkpoint "
+                      r"kept at "
                       r'.*checkpoints/2; lower the learning rates .*', error), error
   assert checkpoint.all_steps(str(tmp_path / 'checkpoints')) == [2]
   assert not (tmp_path / 'genotype.json').exists()
@@ -170,6 +172,19 @@ def test_data_and_objective_errors_are_one_line(tmp_path, args, match, capsys, n
 def test_config_errors_are_one_line(tmp_path, args, match, capsys):
   assert run_main(args, tmp_path) == 2
   assert re.fullmatch(match, _last_error_line(capsys))
+
+
+def test_config_file_and_workdir_errors_are_one_line(tmp_path, capsys):
+  assert run_main([f'--config={tmp_path}/nope.py'], tmp_path / 'w', tiny=False) == 2
+  assert re.fullmatch(rf"error: cannot load --config: OSError: .*No such file or directory: '{tmp_path}/nope.py'",
+                      _last_error_line(capsys))
+  (tmp_path / 'file').write_text('')
+  assert run_main([], tmp_path / 'file') == 2
+  assert _last_error_line(capsys) == (f'error: --workdir={tmp_path}/file is a file: name a directory (new, or a '
+                                      'run to resume)')
+  (tmp_path / 'broken.py').write_text('def get_config(:\n')
+  assert run_main([f'--config={tmp_path}/broken.py'], tmp_path / 'w', tiny=False) == 2
+  assert re.fullmatch(r"error: cannot load --config: SyntaxError: .*\(broken.py, line 1\)", _last_error_line(capsys))
 
 
 def test_module_entry_point_reports_a_missing_npz_in_one_line(tmp_path):

@@ -121,7 +121,7 @@ def test_compare_table(three_runs):
 
 
 def test_compare_cli(three_runs, tmp_path, capsys):
-  out = tmp_path / 'table.md'
+  out = tmp_path / 'tables' / 'table.md'  # the directory is created
   assert cli.main(['compare', *map(str, three_runs), '--output', str(out)]) == 0
   printed = capsys.readouterr().out
   assert printed == out.read_text() and printed.splitlines()[2].startswith('| darts | ')

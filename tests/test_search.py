@@ -82,11 +82,12 @@ def test_check_finite_names_the_objective_step_and_checkpoint():
   phase = schedules.Phase(('ce',), ('ce', 'adv_ce'), True, False)
   ok = {'train/ce': 1.0, 'val/ce': 2.0, 'val/adv_ce': 3.0, 'train/weights_finite': True}
   search.check_finite(ok, 5, 0, phase, '')
-  with pytest.raises(FloatingPointError, match=r"^NaN in objective 'adv_ce' at step 123 \(epoch 2\); last good "
-                                               r"checkpoint kept at runs/x/checkpoints/100; lower the learning"):
+  with pytest.raises(FloatingPointError, match=r"^NaN in the architecture step's objective 'adv_ce' at step 123 "
+                                               r"\(epoch 2\); last good checkpoint kept at runs/x/checkpoints/100; "
+                                               r"lower the learning"):
     search.check_finite({**ok, 'val/adv_ce': float('nan')}, 123, 2, phase, 'runs/x/checkpoints/100')
-  with pytest.raises(FloatingPointError, match=r"^inf in objective 'ce' at step 0 \(epoch 0\); no checkpoint"):
-    search.check_finite({**ok, 'train/ce': float('inf')}, 0, 0, phase, '')
+  with pytest.raises(FloatingPointError, match=r"^inf in the weight step's objective 'ce' at step 1 \(epoch 1\); no "):
+    search.check_finite({**ok, 'train/ce': float('inf')}, 1, 1, phase, '')
   with pytest.raises(FloatingPointError, match=r'^NaN or inf in the weights after the update at step 7'):
     search.check_finite({**ok, 'train/weights_finite': False}, 7, 1, phase, '')
 

@@ -230,7 +230,8 @@ def test_adversarial_losses_match_a_reference(method):
     (['--config.data.source=npz', '--config.data.path={npz}'],
      r"error: the dataset 'tiny' has no test split: set config.train.holdout_fraction .*"),
     (['--config.train.lr=1e30', '--config.checkpoint_every_steps=1'],
-     r"error: NaN in objective 'loss' at step \d+ \(epoch 0\); last good checkpoint kept at .*checkpoints/\d+; "
+     r"error: NaN in the weight step's objective 'loss' at step \d+ \(epoch 1\); last good checkpoint kept at "
+     r".*checkpoints/\d+; "
      r'lower config.train.lr or check the data'),
 ])
 def test_errors_are_one_line(tmp_path, args, match, capsys):

@@ -112,11 +112,17 @@ def read_npz(path: str) -> Split:
   if not os.path.isfile(path):
     raise FileNotFoundError(f'npz file {path!r} not found (resolved to {os.path.abspath(path)}): point '
                             f"data.path / data.test_path to an existing .npz with 'image' and 'label' arrays")
-  with np.load(path, allow_pickle=False) as arrays:
+  save_hint = 'save the data with np.savez(path, image=uint8 NHWC images, label=integer labels)'
+  try:
+    arrays = np.load(path, allow_pickle=False)
+  except (ValueError, OSError) as e:
+    raise ValueError(f'{path} is not an .npz archive (numpy: {str(e).splitlines()[0]}): {save_hint}') from e
+  if not isinstance(arrays, np.lib.npyio.NpzFile):
+    raise ValueError(f'{path} holds a single array, not an .npz archive of arrays: {save_hint}')
+  with arrays:
     missing = [k for k in ('image', 'label') if k not in arrays.files]
     if missing:
-      raise ValueError(f'{path} lacks {missing} (it has {arrays.files}): save it with '
-                       f'np.savez(path, image=uint8 NHWC images, label=integer labels)')
+      raise ValueError(f'{path} lacks {missing} (it has {arrays.files}): {save_hint}')
     images, labels = arrays['image'], arrays['label']
   if images.dtype != np.uint8:
     raise ValueError(f"{path}: 'image' must be uint8 in [0, 255], got {images.dtype}; "
