@@ -8,11 +8,14 @@ the target's types, dtypes and shardings, so a checkpoint written on one device 
 
 Saves are atomic: orbax writes each step into a temporary directory and renames it when complete, so a process
 killed (even by SIGKILL) during a save leaves the previous checkpoint as the latest one. In a multi-host run
-every process calls these functions; orbax coordinates the writes.
+every process calls these functions; orbax coordinates the writes. Every leaf's CRC-32 is stored with it
+(``CHECKSUMS``) and checked on restore, so a checkpoint whose bytes changed on disk is reported as damaged instead
+of restoring other numbers (leaves sharded over several processes are not checksummed).
 """
 from __future__ import annotations
 
 import os
+import zlib
 from typing import Any
 
 import jax
@@ -86,6 +89,24 @@ def _like(target_leaf, value):
   return type(target_leaf)(np.asarray(value).item())
 
 
+CHECKSUMS = '_crc32'  # the item's entry of per-leaf checksums, in the order of the sorted leaf names
+_UNCHECKED = -1
+
+
+def _crc32(leaf) -> int:
+  """The CRC-32 of a stored leaf's bytes, or ``_UNCHECKED`` for an array no process holds whole."""
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    if not leaf.is_fully_replicated:
+      return _UNCHECKED
+    leaf = leaf.addressable_shards[0].data
+  return zlib.crc32(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+
+
+def _checksums(item: dict) -> np.ndarray:
+  leaves = _by_name(item)
+  return np.asarray([_crc32(leaves[name]) for name in sorted(leaves)], np.int64)
+
+
 def _manager(directory: str, keep: int | None = None, create: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
@@ -101,6 +122,7 @@ def save_checkpoint(directory: str, step: int, state: Any, *, keep: int = 3) -> 
   step = int(step)
   paths_and_leaves, _ = jax.tree_util.tree_flatten_with_path(state)
   item = _nest((p, _storable(x)) for p, x in paths_and_leaves)
+  item[CHECKSUMS] = _checksums(item)
   with _manager(directory, keep=keep, create=True) as manager:
     if step in manager.all_steps():
       return False
@@ -161,17 +183,32 @@ def restore_checkpoint(directory: str, target: Any, step: int | None = None) -> 
       raise FileNotFoundError(f'no checkpoint step {step} in {directory}; '
                               f'available steps: {sorted(manager.all_steps())}')
     try:
-      stored = manager.item_metadata(step).tree
+      stored = dict(manager.item_metadata(step).tree)
     except Exception as e:  # orbax and tensorstore raise many types for damaged files.
       raise _damaged(where, e) from e
+    checked = stored.pop(CHECKSUMS, None) is not None  # absent in checkpoints of earlier jaxnas versions
     _check_compatible(stored, abstract, where)
+    if checked:
+      abstract[CHECKSUMS] = np.zeros(len(_by_name(abstract)), np.int64)
     try:
-      restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      restored = dict(manager.restore(step, args=ocp.args.StandardRestore(abstract)))
     except Exception as e:  # orbax and tensorstore raise many types for damaged files.
       raise _damaged(where, e) from e
+  if checked:
+    _verify(where, stored, np.asarray(restored.pop(CHECKSUMS)), restored)
   by_name = _by_name(restored)
   leaves = [_like(x, by_name[_name(p)]) for p, x in paths_and_leaves]
   return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _verify(where: str, stored, expected: np.ndarray, restored: dict) -> None:
+  """Raises the damaged-checkpoint error when a restored leaf's CRC-32 differs from the one saved with it
+  (leaves restored into another dtype than the stored one are not compared)."""
+  dtypes = {name: np.dtype(m.dtype) for name, m in _by_name(stored).items()}
+  leaves = _by_name(restored)
+  for name, want, got in zip(sorted(leaves), expected, _checksums(restored)):
+    if want != _UNCHECKED and want != got and dtypes[name] == leaves[name].dtype:
+      raise _damaged(where, ValueError(f'{name} differs from the array that was saved (CRC-32 mismatch)'))
 
 
 def _damaged(where: str, error: Exception) -> ValueError:

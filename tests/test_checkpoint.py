@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from jaxnas import checkpoint
@@ -97,13 +98,15 @@ def _files(directory):
   return [os.path.join(root, f) for root, _, files in os.walk(directory) for f in files]
 
 
-@pytest.mark.parametrize('damage', ['truncate_largest', 'truncate_all', 'garble_all'])
+@pytest.mark.parametrize('damage', ['truncate_largest', 'truncate_all', 'garble_all', 'flip_bits'])
 def test_damaged_checkpoint_error(tmp_path, damage):
-  state = {'w': jnp.arange(50_000.0), 'step': 2}
+  """``flip_bits``: 64 bytes inside the stored array change in place (files and sizes intact, the array's bytes
+  are stored uncompressed): only the stored checksums can tell."""
+  state = {'w': jnp.asarray(np.random.default_rng(0).standard_normal(50_000), jnp.float32), 'step': 2}
   checkpoint.save_checkpoint(tmp_path, 1, {'w': jnp.ones(50_000), 'step': 1})
   checkpoint.save_checkpoint(tmp_path, 2, state)
   files = _files(tmp_path / '2')
-  if damage == 'truncate_largest':
+  if damage in ('truncate_largest', 'flip_bits'):
     files = [max(files, key=os.path.getsize)]
   for path in files:
     size = os.path.getsize(path)
@@ -111,14 +114,30 @@ def test_damaged_checkpoint_error(tmp_path, damage):
       if damage == 'garble_all':
         f.seek(size // 2)
         f.write(b'\xff' * max(1, size - size // 2))
+      elif damage == 'flip_bits':
+        f.seek(size // 2)
+        flipped = bytes(b ^ 0x10 for b in f.read(64))
+        f.seek(size // 2)
+        f.write(flipped)
       else:
         f.truncate(size // 2)
   with pytest.raises(ValueError, match=r'checkpoint .*2 is damaged and cannot be restored .*delete that '
                                        r'step directory to resume from the previous checkpoint, '
-                                       r'or use another workdir'):
+                                       r'or use another workdir') as error:
     checkpoint.restore_checkpoint(tmp_path, {'w': jnp.zeros(50_000), 'step': 0})
+  if damage == 'flip_bits':
+    assert 'w differs from the array that was saved (CRC-32 mismatch)' in str(error.value)
   previous = checkpoint.restore_checkpoint(tmp_path, {'w': jnp.zeros(50_000), 'step': 0}, step=1)
   assert previous['step'] == 1 and float(previous['w'].sum()) == 50_000
+
+
+def test_checkpoints_without_checksums_still_restore(tmp_path):
+  """Checkpoints written before the checksums were stored (a plain orbax item) restore unchecked."""
+  with checkpoint._manager(str(tmp_path), create=True) as manager:
+    manager.save(4, args=ocp.args.StandardSave({'w': np.arange(3.0), 'step': np.asarray(4)}))
+    manager.wait_until_finished()
+  restored = checkpoint.restore_checkpoint(tmp_path, {'w': np.zeros(3), 'step': 0})
+  assert restored['step'] == 4 and restored['w'].tolist() == [0.0, 1.0, 2.0]
 
 
 def _python(code, *args, **kwargs):
