@@ -209,9 +209,20 @@ def format_markdown(report: dict) -> str:
 
 def write_evaluation(report: dict, directory: str) -> tuple[str, str]:
   """Writes ``evaluation.json`` and ``evaluation.md`` into ``directory`` (created if needed); returns both
-  paths."""
+  paths. An earlier evaluation there with another result is kept as ``evaluation.<k>.json`` / ``.md`` (the
+  first free k), never overwritten."""
   os.makedirs(directory, exist_ok=True)
   json_path, md_path = os.path.join(directory, EVALUATION_JSON), os.path.join(directory, 'evaluation.md')
+  if os.path.isfile(json_path):
+    with open(json_path) as f:
+      previous = f.read()
+    if previous != json.dumps(report, indent=1):
+      k = 1
+      while os.path.exists(os.path.join(directory, f'evaluation.{k}.json')):
+        k += 1
+      for path in (json_path, md_path):
+        if os.path.isfile(path):
+          os.replace(path, os.path.join(directory, f'evaluation.{k}{os.path.splitext(path)[1]}'))
   with open(json_path, 'w') as f:
     json.dump(report, f, indent=1)
   with open(md_path, 'w') as f:

@@ -2,6 +2,7 @@
 ``jaxnas evaluate`` command on a trained workdir and on a PyTorch state dict, and its one-line errors."""
 import functools
 import json
+import os
 import pathlib
 import re
 import sys
@@ -68,6 +69,14 @@ def test_report_rows_files_and_markdown(tmp_path):
   for label in ('Clean', 'FGSM', 'PGD-20', 'PGD-100', 'CW∞', 'APGD-CE', 'AutoAttack', 'Worst case over all attacks'):
     assert f'| {label} |' in md, label
   assert f'| PGD-20 | {100 * report["attacks"]["pgd20"]["robust_accuracy"]:.2f} |' in md
+  # Writing it again changes nothing; another result keeps this one as evaluation.1.json / .md.
+  evaluate.write_evaluation(report, str(tmp_path / 'eval'))
+  assert sorted(os.listdir(tmp_path / 'eval')) == ['evaluation.json', 'evaluation.md']
+  evaluate.write_evaluation({**report, 'n_examples': 8}, str(tmp_path / 'eval'))
+  assert sorted(os.listdir(tmp_path / 'eval')) == ['evaluation.1.json', 'evaluation.1.md', 'evaluation.json',
+                                                   'evaluation.md']
+  assert json.loads((tmp_path / 'eval' / 'evaluation.1.json').read_text()) == json.loads(json.dumps(report))
+  assert json.loads(open(json_path).read())['n_examples'] == 8
 
 
 def test_results_do_not_depend_on_batch_size():
