@@ -453,5 +453,7 @@ def test_bad_arguments_raise_clear_errors():
     attacks.autoattack(f, x, y, eps=0.1, attacks=['apgd-ce', 'deepfool'])
   with pytest.raises(ValueError, match='as many labels'):
     attacks.autoattack(f, x, y[:2], eps=0.1)
+  with pytest.raises(ValueError, match=r'images must be floats in \[0, 1\], got uint8 .*divide uint8 images by 255'):
+    attacks.autoattack(f, np.asarray(np.asarray(x) * 255, np.uint8), y, eps=0.1)
   with pytest.raises(ValueError, match='at least 5x5 pixels'):
     attacks.square(f, x[:, :4, :4], y, jax.random.PRNGKey(0), eps=0.1, norm='l2')

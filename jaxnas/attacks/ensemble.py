@@ -4,7 +4,9 @@ over its attacks, as in the reference implementation.
 The 'standard' version runs APGD-CE (100 iterations, 1 restart), APGD-T (targeted DLR, 9 target classes),
 FAB-T (9 targets) and Square (5000 queries, p_init 0.8), each only on the points still robust after the
 previous ones. Every attack runs jitted on fixed-shape chunks; example ``i`` draws its randomness from
-``(seed, attack, i)``, so results do not depend on ``batch_size``.
+``(seed, attack, i)``, so results do not depend on ``batch_size`` (up to floating-point rounding, see
+``batching``). A custom ``attacks`` list runs each component with the standard version's settings (1 restart);
+the reference's 'custom' version gives APGD-CE, APGD-DLR and untargeted FAB 5 restarts.
 """
 from __future__ import annotations
 
@@ -88,6 +90,9 @@ def autoattack(logits_fn, x, y, *, eps: float, norm: str = 'linf', version: str 
   x, y = np.asarray(x), np.asarray(y).astype(np.int32)
   if len(x) != len(y) or len(x) == 0:
     raise ValueError(f'need as many labels as images (>0), got {len(x)} images and {len(y)} labels')
+  if not np.issubdtype(x.dtype, np.floating) or x.min() < 0 or x.max() > 1:
+    raise ValueError(f'images must be floats in [0, 1], got {x.dtype} in [{x.min():.3g}, {x.max():.3g}]: '
+                     'divide uint8 images by 255')
   inference.check_inference_mode(logits_fn, x)
 
   found = []
