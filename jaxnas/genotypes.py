@@ -122,10 +122,16 @@ def load(name_or_path: str | os.PathLike) -> Genotype:
   if name_or_path in ZOO:
     return get(name_or_path)
   if os.path.isdir(name_or_path):
+    if not os.path.isfile(os.path.join(name_or_path, 'genotype.json')):
+      raise ValueError(f'{name_or_path} holds no genotype.json: finish the search there first (rerun its command: '
+                       'it resumes), or give an epoch\'s genotype from its history/ directory')
     name_or_path = os.path.join(name_or_path, 'genotype.json')
   if os.path.isfile(name_or_path):
     with open(name_or_path) as f:
       return Genotype.from_json(f.read())
+  if name_or_path.endswith('.json') or os.sep in name_or_path:
+    raise ValueError(f'genotype file {name_or_path!r} not found (resolved to {os.path.abspath(name_or_path)}): '
+                     f'give an existing genotype JSON file, a search workdir, or a zoo name ({", ".join(ZOO)})')
   raise ValueError(f'unknown genotype {name_or_path!r}: give a zoo name ({", ".join(ZOO)}), a genotype JSON '
                    'file, or a search workdir containing genotype.json')
 

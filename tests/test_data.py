@@ -134,6 +134,7 @@ def test_tfds_unknown_feature_error(tmp_path):
     ({'image': np.zeros((3, 4, 4, 1), np.uint8)}, r"lacks \['label'\]"),
     ({'image': np.zeros((3, 4, 4, 1), np.float32), 'label': np.zeros(3, int)}, r"'image' must be uint8"),
     ({'image': np.zeros((3, 4), np.uint8), 'label': np.zeros(3, int)}, r"must be NHWC .*shape \(3, 4\)"),
+    ({'image': np.zeros((3, 3, 32, 32), np.uint8), 'label': np.zeros(3, int)}, r"looks channels-first \(NCHW\)"),
     ({'image': np.zeros((3, 4, 4, 1), np.uint8), 'label': np.zeros(2, int)}, r"'label' must be integers of"),
     ({'image': np.zeros((3, 4, 4, 1), np.uint8), 'label': np.zeros(3, float)}, r"'label' must be integers of"),
     ({'image': np.zeros((3, 4, 4, 1), np.uint8), 'label': -np.ones(3, int)}, r'negative'),

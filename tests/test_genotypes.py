@@ -61,8 +61,13 @@ def test_bad_json_and_unknown_names():
     genotypes.Genotype.from_json('{"normal": [')
   with pytest.raises(ValueError, match="unknown genotype 'NOPE'"):
     genotypes.get('NOPE')
-  with pytest.raises(ValueError, match="unknown genotype 'NOPE.json'"):
+  with pytest.raises(ValueError, match=r"genotype file 'NOPE.json' not found \(resolved to .*NOPE.json\): give an"):
     genotypes.load('NOPE.json')
+
+
+def test_a_workdir_without_a_genotype(tmp_path):
+  with pytest.raises(ValueError, match=r'holds no genotype.json: finish the search there first \(rerun its command'):
+    genotypes.load(tmp_path)
 
 
 def test_load_from_file_and_workdir(tmp_path):

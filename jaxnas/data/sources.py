@@ -131,6 +131,9 @@ def read_npz(path: str) -> Split:
     images = images[..., None]
   if images.ndim != 4:
     raise ValueError(f"{path}: 'image' must be NHWC (or NHW for grayscale), got shape {images.shape}")
+  if images.shape[1] in (1, 3) and images.shape[3] not in (1, 3):
+    raise ValueError(f"{path}: 'image' of shape {images.shape} looks channels-first (NCHW): save it as NHWC, "
+                     'e.g. images.transpose(0, 2, 3, 1)')
   if not np.issubdtype(labels.dtype, np.integer) or labels.shape != images.shape[:1]:
     raise ValueError(f"{path}: 'label' must be integers of shape ({images.shape[0]},), "
                      f'got {labels.dtype} {labels.shape}')
