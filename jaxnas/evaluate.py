@@ -307,8 +307,7 @@ def evaluate_run(config, workdir: str) -> dict:
   console = workdir_lib.Console(workdir)
   try:
     if os.path.isfile(path):
-      with open(path) as f:
-        previous = json.load(f)
+      previous = workdir_lib.read_json(path, 'delete it to evaluate again')
       if previous.get('source') == source and previous.get('settings') == _as_dict(config.evaluate):
         console.log(f'evaluation of step {step} already in {path}: {_summary(previous)}')
         return previous
@@ -378,8 +377,7 @@ def _test_images(spec: str) -> data.Split:
 def _check_input_shape(workdir: str, images) -> None:
   """A one-line error when the test images' shape is not the one the network of ``workdir`` was trained on
   (its ``network.json``): a fully convolutional network would otherwise run on them."""
-  with open(workdir_lib.path(workdir, train.NETWORK)) as f:
-    shape = tuple(json.load(f)['input_shape'])
+  shape = tuple(workdir_lib.read_json(workdir_lib.path(workdir, train.NETWORK), train.NETWORK_FIX)['input_shape'])
   if tuple(images.shape[1:]) != shape:
     raise ValueError(f'the test images have shape {tuple(images.shape[1:])}, the network in {workdir} was trained '
                      f'on images of shape {shape}: evaluate it on data of that shape')
@@ -395,8 +393,8 @@ def _load(args) -> tuple[Callable, data.Split, str, dict]:
     if args.genotype and genotypes.load(args.genotype) != net.genotype:
       raise ValueError(f'--genotype {args.genotype} differs from the genotype {path} was trained with: drop '
                        '--genotype or point --checkpoint to its training workdir')
-    with open(workdir_lib.path(path, workdir_lib.CONFIG)) as f:
-      config = json.load(f)
+    config = workdir_lib.read_json(workdir_lib.path(path, workdir_lib.CONFIG),
+                                   'pass the workdir of a training run, which holds its config.json')
     if args.data:
       test = _test_images(args.data)
     else:

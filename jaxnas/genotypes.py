@@ -128,7 +128,11 @@ def load(name_or_path: str | os.PathLike) -> Genotype:
     name_or_path = os.path.join(name_or_path, 'genotype.json')
   if os.path.isfile(name_or_path):
     with open(name_or_path) as f:
-      return Genotype.from_json(f.read())
+      text = f.read()
+    try:
+      return Genotype.from_json(text)
+    except ValueError as e:
+      raise ValueError(f'{name_or_path}: {e}') from None
   if name_or_path.endswith('.json') or os.sep in name_or_path:
     raise ValueError(f'genotype file {name_or_path!r} not found (resolved to {os.path.abspath(name_or_path)}): '
                      f'give an existing genotype JSON file, a search workdir, or a zoo name ({", ".join(ZOO)})')

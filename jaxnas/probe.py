@@ -39,8 +39,8 @@ METRICS = ('acc', 'ce', 'curvature', 'jacobian', 'vulnerability', 'pgd_acc')
 
 def load_search(workdir: str):
   """``(config, model, state)`` of a search workdir, the state restored from its latest checkpoint."""
-  with open(workdir_lib.path(workdir, workdir_lib.CONFIG)) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(workdir_lib.read_json(
+      workdir_lib.path(workdir, workdir_lib.CONFIG), 'pass the workdir of a search run, which holds its config.json'))
   dataset = data.load(config.data)  # the search's data: the model normalises with its statistics
   model = search.make_model(config.model, dataset)
   program = search.make_program(config, model, dataset)

@@ -43,6 +43,7 @@ from jaxnas import workdir as workdir_lib
 from jaxnas.attacks import batching, pgd_attack
 
 NETWORK = 'network.json'
+NETWORK_FIX = ('training writes it; if it is damaged, rerun the training command in a new workdir')
 ADVERSARIAL_METHODS = ('none', 'pgd', 'trades')
 LR_SCHEDULES = ('cosine', 'piecewise')
 TRACES: collections.Counter = collections.Counter()  # How often the jitted functions were traced (tests).
@@ -220,8 +221,7 @@ def load_trained(workdir: str):
   if not os.path.isfile(spec_path):
     raise FileNotFoundError(f'no {NETWORK} in {workdir!r}: pass the workdir of a training run (config.mode=train, '
                             "or a pipeline's WORKDIR/train), or a PyTorch state dict with its genotype and size")
-  with open(spec_path) as f:
-    spec = json.load(f)
+  spec = workdir_lib.read_json(spec_path, NETWORK_FIX)
   net = networks.EvalNetwork(genotypes.load(workdir), init_channels=spec['init_channels'], layers=spec['layers'],
                              num_classes=spec['num_classes'], auxiliary=spec['auxiliary'],
                              mean=tuple(spec['mean']), std=tuple(spec['std']))

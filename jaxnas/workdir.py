@@ -72,6 +72,17 @@ def write_config(workdir: str, config) -> None:
   _atomic_write(path(workdir, CONFIG), lambda f: f.write(text.encode() + b'\n'))
 
 
+def read_json(filename: str, fix: str):
+  """The content of a JSON file of a workdir, with one-line errors naming the file (missing or damaged)."""
+  try:
+    with open(filename, encoding='utf-8') as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(f'{filename} not found: {fix}') from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'{filename} is damaged ({type(e).__name__}: {e}): {fix}') from None
+
+
 def _flatten(tree, prefix: str = '') -> dict:
   if isinstance(tree, dict):
     return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f'{prefix}{key}.').items()}
@@ -85,8 +96,7 @@ def check_same_run(workdir: str, config) -> None:
   filename = path(workdir, CONFIG)
   if not os.path.isfile(filename):
     return
-  with open(filename, encoding='utf-8') as f:
-    before = _flatten(json.load(f))
+  before = _flatten(read_json(filename, 'delete it to start a new run there, or use a new workdir'))
   now = _flatten(json.loads(_config_text(config)))
   free = lambda key: any(key == k or key.startswith(k + '.') for k in RESUMABLE_CHANGES)
   changed = [k for k in sorted(before.keys() & now.keys()) if before[k] != now[k] and not free(k)]

@@ -186,6 +186,8 @@ def test_evaluate_command_on_a_checkpoint_and_on_its_torch_state_dict(trained, t
     (['--checkpoint', '{tmp}/missing'], r"error: --checkpoint '.*/missing' does not exist: pass a training .*"),
     (['--checkpoint', '{tmp}'], r"error: no network.json in '.*': pass the workdir of a training run .*"),
     (['--checkpoint', '{bare}'], r'error: no checkpoint in .*/checkpoints: save one first .*'),
+    (['--checkpoint', '{damaged}'], r'error: .*/damaged/network.json is damaged \(JSONDecodeError: .*\): training '
+                                    r'writes it; .*'),
     (['--checkpoint', '{tmp}/model.npz'], r'error: a state dict needs --genotype \(the architecture\) and --data .*'),
     (['--checkpoint', '{trained}', '--attacks', 'deepfool'], r"error: unknown attack\(s\) \['deepfool'\]: .*"),
     (['--checkpoint', '{trained}', '--data', '{tmp}/rgb.npz'], r'error: the test images have shape \(8, 8, 3\), the '
@@ -198,7 +200,11 @@ def test_evaluate_command_errors_are_one_line(trained, tmp_path, args, match, ca
   bare.mkdir()
   for name in ('network.json', 'genotype.json'):
     (bare / name).write_text((trained / name).read_text())
-  args = [a.format(trained=trained, tmp=tmp_path, bare=bare) for a in args]
+  damaged = tmp_path / 'damaged'
+  damaged.mkdir()
+  (damaged / 'genotype.json').write_text((trained / 'genotype.json').read_text())
+  (damaged / 'network.json').write_text('{"layers": ')
+  args = [a.format(trained=trained, tmp=tmp_path, bare=bare, damaged=damaged) for a in args]
   assert cli.main(['evaluate', *args]) == 2
   err = capsys.readouterr().err.strip()
   assert '\n' not in err and re.fullmatch(match, err), err

@@ -65,6 +65,12 @@ def test_bad_json_and_unknown_names():
     genotypes.load('NOPE.json')
 
 
+def test_a_damaged_genotype_file_is_named(tmp_path):
+  (tmp_path / 'g.json').write_text('{"normal": [')
+  with pytest.raises(ValueError, match=r'g.json: genotype JSON does not parse'):
+    genotypes.load(tmp_path / 'g.json')
+
+
 def test_a_workdir_without_a_genotype(tmp_path):
   with pytest.raises(ValueError, match=r'holds no genotype.json: finish the search there first \(rerun its command'):
     genotypes.load(tmp_path)
