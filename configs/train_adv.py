@@ -7,10 +7,14 @@ r"""Adversarial retraining of a genotype (Madry et al. 2018) with AdvRush's sett
 
 PGD-7 training examples (l_inf eps 8/255, step 0.01, uniform random start) generated against the network in
 inference mode, as the robust-NAS training code does; NetworkCIFAR with C=36, 20 cells, no auxiliary head
-and no drop-path; 200 epochs of batch 64; SGD lr 0.1 divided by 10 at epochs 100 and 150, momentum 0.9,
-weight decay 1e-4, gradient norm clipped to 5; random crop (padding 4) and flip. AdvRush starts PGD at
-``x + 0.001 N(0, 1)`` rather than uniformly in the ball. Arguments (comma-separated): ``trades`` (TRADES,
-Zhang et al. 2019: beta 6, 10 steps of 0.007), ``smoke`` (a tiny network on a few embedded digits).
+and no drop-path; 200 epochs of batch 64; SGD lr 0.1 divided by 10 from the 100th and again from the 150th
+epoch (epochs count from 0: boundaries 99 and 149, as AdvRush's ``adjust_learning_rate``), momentum 0.9, weight
+decay 1e-4, gradient norm clipped to 5; random crop (padding 4) and flip. Where AdvRush's code differs: it starts
+PGD at ``x + 0.001 N(0, 1)`` rather than uniformly in the ball (so does the TRADES reference), and every step it
+also runs the network on the clean batch in training mode, so its BatchNorm running statistics mix clean and
+adversarial batches; here only the adversarial batch updates them (Madry's objective). Arguments
+(comma-separated): ``trades`` (TRADES, Zhang et al. 2019: beta 6, 10 steps of 0.007), ``smoke`` (a tiny network
+on a few embedded digits).
 """
 from jaxnas import evaluate, train
 
@@ -25,7 +29,7 @@ def get_config(arg=None):
   config.evaluate = evaluate.default_config()
   config.data.update(dict(source='tfds', name='cifar10', crop_padding=4, flip=True))
   config.train.update(dict(auxiliary=False, drop_path_prob=0.0, epochs=200, batch_size=64, lr=0.1,
-                           lr_schedule='piecewise', lr_boundaries=(100, 150), lr_values=(0.01, 0.001),
+                           lr_schedule='piecewise', lr_boundaries=(99, 149), lr_values=(0.01, 0.001),
                            weight_decay=1e-4))
   config.train.adversarial.update(dict(method='pgd', eps=8 / 255, step_size=0.01, steps=7))
   if 'trades' in args:

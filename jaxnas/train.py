@@ -7,7 +7,8 @@ genotype JSON file or a search workdir) from scratch:
   with a per-epoch cosine schedule, momentum 0.9, weight decay 3e-4, gradient norm clipped to 5, auxiliary
   head weight 0.4, drop-path probability ramped linearly from 0 to 0.2, crop + flip + cutout 16;
 - adversarial training (Madry et al. 2018, Eq. 2.1): the loss on PGD-k examples, eps 8/255, 7 steps
-  (AdvRush: step 0.01, SGD lr 0.1 divided by 10 at epochs 100 and 150 of 200, weight decay 1e-4); or
+  (AdvRush: step 0.01, SGD lr 0.1 divided by 10 from the 100th and the 150th of 200 epochs, weight
+  decay 1e-4); or
   TRADES (Zhang et al. 2019, Eq. 5): ``CE(f(x)) + beta KL(f(x) || f(x'))`` with ``x'`` maximising the KL.
 
 The weight update is one jitted step (``train_step``): augmentation, the attack (``pgd_attack.pgd`` inside the

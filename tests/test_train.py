@@ -7,6 +7,7 @@ The runs share one compiled standard step and one adversarial step (same network
 8x8 digits); ``tests/test_evaluate.py`` trains the same standard program.
 """
 import dataclasses
+import importlib.util
 import json
 import math
 import pathlib
@@ -253,3 +254,16 @@ def test_resuming_with_another_genotype_or_config_is_refused(tmp_path, capsys):
   # Monitoring settings may change.
   assert run_main(STD + ['--config.train.eval_every_epochs=0', '--config.train.max_steps=3'], workdir) == 0
   assert 'resuming at step 2/' in (workdir / 'log.txt').read_text()
+
+
+def test_adversarial_config_has_advrush_schedule():
+  """configs/train_adv.py: AdvRush's adv_train.py (0-based epochs; lr / 10 from epoch 99, / 100 from 149)."""
+  spec = importlib.util.spec_from_file_location('train_adv', REPO_ROOT / 'configs' / 'train_adv.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  t = module.get_config().train
+  assert (t.epochs, t.batch_size, t.weight_decay, t.grad_clip, t.auxiliary, t.drop_path_prob) == (
+      200, 64, 1e-4, 5.0, False, 0.0)
+  lrs = [train.learning_rate(t, e) for e in (0, 98, 99, 148, 149, 199)]
+  assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+  assert (t.adversarial.method, t.adversarial.steps, t.adversarial.step_size) == ('pgd', 7, 0.01)
