@@ -50,7 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
   no_data = data.default_config()
   no_data.source = ''
   return ml_collections.ConfigDict(dict(
-      mode='search',              # search | derive | pipeline (see jaxnas.main.MODES)
+      mode='search',              # search | derive | train | evaluate | pipeline (jaxnas.main.MODES)
       seed=0,                     # weights, alphas, data order and all randomness derive from it
       data=data.default_config(),  # see jaxnas.data.default_config; DARTS: val_fraction 0.5
       ood_data=no_data,           # out-of-distribution images for 'ood_kl' (E2RNAS); source '' = none
@@ -60,7 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
           primitives=(),          # () = the space's; else a subset of jaxnas.ops.OPS
           placement='',           # DSARA cell placement, e.g. 'A-A-R' ('' = the space's)
           widths=(),              # width multiplier per stage, e.g. (1, 2, 2) (() = the space's)
-          depthwise='auto',       # depthwise conv formulation: auto | shift | grouped
+          depthwise='auto',       # depthwise conv formulation: auto | shift | autodiff | grouped
           remat=False,            # recompute each cell's activations in the backward pass (less memory)
           compute_dtype='float32'),  # 'bfloat16': bf16 activations; weights, optimizer, BN stats, losses float32
       search=dict(
