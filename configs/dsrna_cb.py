@@ -18,12 +18,14 @@ in ``configs/dsrna_jacobian.py``.
 
 Memory (the bounds hold per example the intervals of every supernet activation and, in the backward pass, 9
 coefficient rows per activation; the architecture gradient keeps them all): XLA's buffer assignment of the
-first-order architecture step (CE + CROWN-IBP gradient, float32) grows by about {PER_EXAMPLE} per bounded
-example on 32x32 images with the paper's supernet (C=16, 8 cells), measured on small batches and extrapolated
-linearly (``compiled.memory_analysis()``; the CE-only step takes about {CE_PER_EXAMPLE}). A 16 GB accelerator
-fits about {FIT_16GB} bounded examples, an 80 GB one about {FIT_80GB}; the paper's batch 256 does not fit in one
-step. ``EXAMPLES`` bounds the first 32 images of each 256 validation batch (``R`` is a mean over examples, so
-this is an unbiased estimate of the same metric; ``--config.search.upper[1].kwargs.examples=0`` bounds all).
+first-order architecture step (CE + CROWN-IBP gradient, float32, XLA:CPU) with the paper's supernet (C=16, 8
+cells) on 32x32 images grows by 6.1 GB per bounded example (6.25 GB with one and 12.37 GB with two bounded
+examples of a batch of 8; the CE-only step takes 0.11 GB, about 13 MB per example; ``compiled.memory_analysis()``,
+benchmarks/RESULTS.md). An 80 GB accelerator fits about 12 bounded examples next to the CE batch of 256, a 16 GB
+one 2; the paper's batch 256 cannot be bounded in one step, and the second-order step (the default) needs more.
+``EXAMPLES`` bounds the first 8 images of each 256 validation batch (``R`` is a mean over examples of a shuffled
+batch, so this is an unbiased estimate of the same metric; ``--config.search.upper[1].kwargs.examples=2`` for a
+16 GB accelerator, ``=0`` bounds all).
 
 Arguments (comma-separated): ``l2`` (the l_2 ball), ``smoke`` (a tiny supernet on 16 embedded 8x8 digits: C=2,
 3 cells of 2 nodes, max-pool and skip only, first order; compiles in CI time, for tests).
@@ -32,7 +34,7 @@ from jaxnas import search
 
 ARGS = ('smoke', 'l2')
 GAMMA = 0.01
-EXAMPLES = 32
+EXAMPLES = 8
 SMOKE_PRIMITIVES = ('max_pool_3x3', 'skip_connect')
 
 

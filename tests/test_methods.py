@@ -226,6 +226,7 @@ def test_dsrna_cb_paper_settings():
   ce, cb = c.search.upper
   assert (ce.name, ce.weight, cb.name, cb.weight) == ('ce', 1.0, 'certified_margin', 0.01)
   assert (cb.kwargs.eps, cb.kwargs.norm, cb.kwargs.method, cb.kwargs.adapt_eps) == (0.03, 'linf', 'crown-ibp', True)
+  assert cb.kwargs.examples == 8  # what fits an 80 GB accelerator (the config's docstring)
   assert dsrna.get_config('l2').search.upper[1].kwargs.norm == 'l2'
   with pytest.raises(ValueError, match=r"unknown config argument\(s\) \['l1'\]"):
     dsrna.get_config('l1')
