@@ -102,8 +102,8 @@ def _crc32(leaf) -> int:
   return zlib.crc32(np.ascontiguousarray(np.asarray(leaf)).tobytes())
 
 
-def _checksums(item: dict) -> np.ndarray:
-  leaves = _by_name(item)
+def _checksums(leaves: dict) -> np.ndarray:
+  """The CRC-32 of every leaf of ``{name: leaf}``, in the order of the sorted names."""
   return np.asarray([_crc32(leaves[name]) for name in sorted(leaves)], np.int64)
 
 
@@ -122,7 +122,7 @@ def save_checkpoint(directory: str, step: int, state: Any, *, keep: int = 3) -> 
   step = int(step)
   paths_and_leaves, _ = jax.tree_util.tree_flatten_with_path(state)
   item = _nest((p, _storable(x)) for p, x in paths_and_leaves)
-  item[CHECKSUMS] = _checksums(item)
+  item[CHECKSUMS] = _checksums(_by_name(item))
   with _manager(directory, keep=keep, create=True) as manager:
     if step in manager.all_steps():
       return False
@@ -194,19 +194,19 @@ def restore_checkpoint(directory: str, target: Any, step: int | None = None) -> 
       restored = dict(manager.restore(step, args=ocp.args.StandardRestore(abstract)))
     except Exception as e:  # orbax and tensorstore raise many types for damaged files.
       raise _damaged(where, e) from e
-  if checked:
-    _verify(where, stored, np.asarray(restored.pop(CHECKSUMS)), restored)
+  expected = restored.pop(CHECKSUMS, None)
   by_name = _by_name(restored)
+  if expected is not None:
+    _verify(where, stored, np.asarray(expected), by_name)
   leaves = [_like(x, by_name[_name(p)]) for p, x in paths_and_leaves]
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _verify(where: str, stored, expected: np.ndarray, restored: dict) -> None:
-  """Raises the damaged-checkpoint error when a restored leaf's CRC-32 differs from the one saved with it
-  (leaves restored into another dtype than the stored one are not compared)."""
+def _verify(where: str, stored, expected: np.ndarray, leaves: dict) -> None:
+  """Raises the damaged-checkpoint error when a restored leaf of ``{name: leaf}`` has another CRC-32 than the
+  one saved with it (leaves restored into another dtype than the stored one are not compared)."""
   dtypes = {name: np.dtype(m.dtype) for name, m in _by_name(stored).items()}
-  leaves = _by_name(restored)
-  for name, want, got in zip(sorted(leaves), expected, _checksums(restored)):
+  for name, want, got in zip(sorted(leaves), expected, _checksums(leaves)):
     if want != _UNCHECKED and want != got and dtypes[name] == leaves[name].dtype:
       raise _damaged(where, ValueError(f'{name} differs from the array that was saved (CRC-32 mismatch)'))
 

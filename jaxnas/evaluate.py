@@ -213,10 +213,11 @@ def write_evaluation(report: dict, directory: str) -> tuple[str, str]:
   first free k), never overwritten."""
   os.makedirs(directory, exist_ok=True)
   json_path, md_path = os.path.join(directory, EVALUATION_JSON), os.path.join(directory, 'evaluation.md')
+  text = json.dumps(report, indent=1)
   if os.path.isfile(json_path):
     with open(json_path) as f:
       previous = f.read()
-    if previous != json.dumps(report, indent=1):
+    if previous != text:
       k = 1
       while os.path.exists(os.path.join(directory, f'evaluation.{k}.json')):
         k += 1
@@ -224,7 +225,7 @@ def write_evaluation(report: dict, directory: str) -> tuple[str, str]:
         if os.path.isfile(path):
           os.replace(path, os.path.join(directory, f'evaluation.{k}{os.path.splitext(path)[1]}'))
   with open(json_path, 'w') as f:
-    json.dump(report, f, indent=1)
+    f.write(text)
   with open(md_path, 'w') as f:
     f.write(format_markdown(report))
   return json_path, md_path

@@ -241,7 +241,8 @@ def _search(config, workdir: str, console: workdir_lib.Console):
   # ----------------------------------------------------------------------------
   ckpt_dir = workdir_lib.path(workdir, workdir_lib.CHECKPOINTS)
   workdir = output_dir(workdir)
-  if checkpoint.latest_step(ckpt_dir) is not None:
+  resuming = checkpoint.latest_step(ckpt_dir) is not None
+  if resuming:
     workdir_lib.check_same_run(workdir, config)
   workdir_lib.write_config(workdir, config)
   dataset = data.load(config.data)
@@ -271,7 +272,7 @@ def _search(config, workdir: str, console: workdir_lib.Console):
       bilevel.init_state(program, jax.random.key(config.seed), train.images[:batch_size]), mesh)
   payload = {'state': state, 'epoch': 0, 'step_in_epoch': 0, 'steps_per_epoch': steps_per_epoch}
   last_checkpoint = ''
-  if checkpoint.latest_step(ckpt_dir) is not None:
+  if resuming:
     payload = checkpoint.restore_checkpoint(ckpt_dir, payload)
     if payload['steps_per_epoch'] != steps_per_epoch:
       raise ValueError(f'the checkpoint in {ckpt_dir} was written with {payload["steps_per_epoch"]} steps per '

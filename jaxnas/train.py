@@ -44,7 +44,7 @@ from jaxnas import workdir as workdir_lib
 from jaxnas.attacks import batching, pgd_attack
 
 NETWORK = 'network.json'
-NETWORK_FIX = ('training writes it; if it is damaged, rerun the training command in a new workdir')
+NETWORK_FIX = 'training writes it; if it is damaged, rerun the training command in a new workdir'
 ADVERSARIAL_METHODS = ('none', 'pgd', 'trades')
 LR_SCHEDULES = ('cosine', 'piecewise')
 TRACES: collections.Counter = collections.Counter()  # How often the jitted functions were traced (tests).

@@ -504,9 +504,13 @@ def _needed(nodes, dom, targets):
   return {v: masks[v] > 0 for v in targets}
 
 
-def _concretize(dom: domain_lib.Domain, A):
-  """``Domain.concretize`` of each example's rows ``A [B, S, ...]``; ``dom`` batched."""
-  return jax.vmap(lambda d, a: d.concretize(a))(dom, A)
+def _linear_bound(nodes, state, starts: dict, dom: domain_lib.Domain, relax: bool):
+  """Lower bounds ``[B, S]`` of ``sum_v starts[v] . node[v]``: the CROWN backward pass (``_backward``), its
+  coefficients on the input concretised over each example's domain (``dom`` batched)."""
+  bias, at_inputs = _backward(nodes, state, starts, relax)
+  if 0 not in at_inputs:
+    return bias
+  return bias + jax.vmap(lambda d, a: d.concretize(a))(dom, at_inputs[0])
 
 
 def _node_bounds(nodes, state, v, dom, need, chunk_rows):
@@ -527,8 +531,7 @@ def _node_bounds(nodes, state, v, dom, need, chunk_rows):
 
   def one(rows):
     e = jax.nn.one_hot(rows, n, dtype=dtype).reshape(rows.shape + tuple(shape))
-    bias, at_inputs = _backward(nodes, state, {v: jnp.concatenate([e, -e], axis=1)}, relax=True)
-    return bias + _concretize(dom, at_inputs[0]) if 0 in at_inputs else bias
+    return _linear_bound(nodes, state, {v: jnp.concatenate([e, -e], axis=1)}, dom, relax=True)
 
   def run(k):
     rows = lax.dynamic_slice_in_dim(order, k * chunk, chunk, axis=1)
@@ -574,9 +577,7 @@ def _spec_bounds(graph, dom, C, method, upper, chunk_rows):
   rows = C.shape[1]
   A0 = C.reshape(C.shape[:2] + tuple(out.shape))
   A0 = jnp.concatenate([A0, -A0], axis=1) if upper else A0
-  res, at_inputs = _backward(graph.nodes, state, {out.node: A0}, method != 'ibp')
-  if 0 in at_inputs:
-    res = res + _concretize(dom, at_inputs[0])
+  res = _linear_bound(graph.nodes, state, {out.node: A0}, dom, method != 'ibp')
   return (res[:, :rows], -res[:, rows:]) if upper else (res, None)
 
 
