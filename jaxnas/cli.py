@@ -9,6 +9,7 @@ from jaxnas import evaluate
 from jaxnas import probe
 from jaxnas import report
 from jaxnas import viz
+from jaxnas import workdir as workdir_lib
 
 # name -> (module with build_parser(parser) and run(args), one-line help)
 COMMANDS = {
@@ -26,7 +27,11 @@ def main(argv=None) -> int:
   for name, (module, help_text) in COMMANDS.items():
     module.build_parser(sub.add_parser(name, help=help_text, description=help_text))
   args = parser.parse_args(argv)
-  return COMMANDS[args.command][0].run(args)
+  try:
+    return COMMANDS[args.command][0].run(args)
+  except OSError as e:  # the system refused a read or write (the commands report their other errors)
+    print(f'error: {workdir_lib.os_error_message(e, "check the paths given")}', file=sys.stderr)
+    return 2
 
 
 if __name__ == '__main__':

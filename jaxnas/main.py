@@ -167,11 +167,21 @@ def main(argv) -> int:
         and jax.process_index() == 0):
       print('\n'.join(['report:'] + report.write_report(workdir)), file=sys.stderr)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    if os.path.isdir(workdir):
-      with open(workdir_lib.path(workdir, workdir_lib.LOG), 'a', encoding='utf-8') as log:
-        log.write(traceback.format_exc())
+    _log_traceback(workdir)
     _error(str(e), 1)
+  except OSError as e:  # the system refused a read or write: unwritable or full disk, a path through a file
+    _log_traceback(workdir)
+    _error(workdir_lib.os_error_message(e, 'check --workdir and the data paths'), 1)
   return 0
+
+
+def _log_traceback(workdir: str) -> None:
+  """Appends the traceback of the error being handled to the workdir's log, when it can."""
+  try:
+    with open(workdir_lib.path(workdir, workdir_lib.LOG), 'a', encoding='utf-8') as log:
+      log.write(traceback.format_exc())
+  except OSError:
+    pass
 
 
 def run(argv=None) -> None:

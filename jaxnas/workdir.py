@@ -17,6 +17,7 @@ config is refused (``check_same_run``), except for the fields of ``RESUMABLE_CHA
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -38,6 +39,19 @@ ALPHAS = 'alphas.npz'
 
 def path(workdir: str, *names: str) -> str:
   return os.path.join(workdir, *names)
+
+
+_OS_FIXES = {errno.EACCES: 'use a workdir and data files this user may write and read',
+             errno.EPERM: 'use a workdir and data files this user may write and read',
+             errno.EROFS: 'use a workdir on a writable file system',
+             errno.ENOSPC: 'free disk space or use a workdir on another disk',
+             errno.EDQUOT: 'free disk space or use a workdir on another disk'}
+
+
+def os_error_message(e: OSError, fix: str) -> str:
+  """One line for a read or write the system refused: what, which file, and the fix (``fix`` when the error
+  has no specific one)."""
+  return f'{e.strerror or e}: {e.filename!r}: {_OS_FIXES.get(e.errno, fix)}'
 
 
 def history_path(workdir: str, epoch: int, kind: str) -> str:

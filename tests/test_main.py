@@ -5,6 +5,7 @@ All runs use ``configs/darts.py:smoke`` shrunk to one tiny supernet program (C=2
 32x32x3 inputs, batch 4, fixed normalisation), so the jitted steps compile once per test session and every
 later run reuses them (which the trace counter checks).
 """
+import errno
 import json
 import os
 import pathlib
@@ -16,7 +17,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxnas import bilevel, checkpoint, genotypes, main
+from jaxnas import bilevel, checkpoint, cli, genotypes, main, report
+from jaxnas import workdir as workdir_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PRIMITIVES = ('none', 'max_pool_3x3', 'skip_connect', 'sep_conv_3x3')
@@ -185,6 +187,30 @@ def test_config_file_and_workdir_errors_are_one_line(tmp_path, capsys):
   (tmp_path / 'broken.py').write_text('def get_config(:\n')
   assert run_main([f'--config={tmp_path}/broken.py'], tmp_path / 'w', tiny=False) == 2
   assert re.fullmatch(r"error: cannot load --config: SyntaxError: .*\(broken.py, line 1\)", _last_error_line(capsys))
+
+
+def test_system_errors_on_the_workdir_are_one_line(tmp_path, capsys, monkeypatch):
+  (tmp_path / 'file').write_text('')
+  assert run_main([], tmp_path / 'file' / 'run') == 1
+  assert _last_error_line(capsys) == (f"error: Not a directory: '{tmp_path}/file/run': check --workdir and the data "
+                                      'paths')
+
+  def refuse(workdir, config):
+    raise PermissionError(errno.EACCES, 'Permission denied', f'{workdir}/config.json')
+  monkeypatch.setattr(workdir_lib, 'write_config', refuse)  # tests run as root, whom chmod does not stop
+  assert run_main([], tmp_path / 'run') == 1
+  assert _last_error_line(capsys) == (f"error: Permission denied: '{tmp_path}/run/config.json': use a workdir and "
+                                      'data files this user may write and read')
+  assert 'PermissionError' in (tmp_path / 'run' / 'log.txt').read_text()  # the traceback goes to the log
+
+
+def test_system_errors_of_the_jaxnas_commands_are_one_line(tmp_path, capsys, monkeypatch):
+  def full(workdirs, names):
+    raise OSError(errno.ENOSPC, 'No space left on device', f'{workdirs[0]}/report.md')
+  monkeypatch.setattr(report, 'compare_workdirs', full)
+  assert cli.main(['compare', str(tmp_path)]) == 2
+  assert _last_error_line(capsys) == (f"error: No space left on device: '{tmp_path}/report.md': free disk space or "
+                                      'use a workdir on another disk')
 
 
 def test_module_entry_point_reports_a_missing_npz_in_one_line(tmp_path):
