@@ -132,7 +132,7 @@ def run(args, torch, logits_fn, model, x, y, eps) -> dict:
   if args.side in ('both', 'jaxnas'):
     common.log(f'eps {eps:.5f}: jaxnas')
     ours = attacks.autoattack(logits_fn, x, y, eps=eps, norm=args.norm, attacks=args.attacks, seed=args.seed,
-                              batch_size=args.batch_size, run_checks=not args.no_checks, **budget)
+                              batch_size=args.batch_size, n_restarts=1, run_checks=not args.no_checks, **budget)
     out.update(jaxnas=ours['robust_accuracy'], jaxnas_seconds=ours['seconds'], jaxnas_warnings=ours['warnings'])
     common.log(f'eps {eps:.5f}: jaxnas {ours["robust_accuracy"]}')
   if args.side in ('both', 'reference'):

@@ -336,8 +336,8 @@ def test_same_seed_identical_examples_and_batch_size_does_not_matter(tiny_aa):
     np.testing.assert_array_equal(runs[0, 4][field], runs[0, 8][field], err_msg=field)
   assert runs[0, 4]['robust_accuracy'] == runs[0, 8]['robust_accuracy']
   for name in ensemble.STANDARD:
-    alone = [attacks.autoattack(f, x, y, eps=0.05, batch_size=bs, attacks=[name], run_checks=False, **SMALL_AA)
-             for bs in (4, 8)]
+    alone = [attacks.autoattack(f, x, y, eps=0.05, batch_size=bs, attacks=[name], n_restarts=1, run_checks=False,
+                                **SMALL_AA) for bs in (4, 8)]
     assert alone[0]['robust_accuracy'] == alone[1]['robust_accuracy'], name
     np.testing.assert_array_equal(alone[0]['x_adv'], alone[1]['x_adv'], err_msg=name)
     assert alone[0]['final_robust_accuracy'] >= runs[0, 8]['final_robust_accuracy']
@@ -440,6 +440,25 @@ def test_transfer_matrix():
   assert acc['f']['f'] == np.mean(np.asarray(f(x_adv)).argmax(1) == y) < 1.0
   assert acc['f']['g'] == np.mean(np.asarray(g(x_adv)).argmax(1) == y)
   assert acc['g']['g'] <= acc['f']['g']   # white-box beats transfer
+
+
+def test_restarts_are_the_reference_versions(monkeypatch):
+  """pyautoattack's AutoAttack: 'standard' sets APGD and FAB to 1 restart, 'plus' to 5, and version 'custom' (a
+  list of attacks) keeps the constructor's 5; APGD-T, FAB-T and Square take no restarts argument."""
+  calls = []
+
+  def spy(name, logits_fn, **kw):
+    calls.append((name, kw.get('n_restarts')))
+    return lambda x, y, key, idx, eps: x   # no attack: only the wiring is under test
+  monkeypatch.setattr(ensemble, 'attack_fn', spy)
+  f = tiny_model()
+  x, y = model_batch(4)
+  y = np.asarray(f(x)).argmax(1)  # all clean-correct, so every attack runs
+  for kwargs, restarts in ((dict(), 1), (dict(version='plus'), 5), (dict(attacks=['fab-t', 'fab', 'apgd-dlr']), 5),
+                           (dict(version='plus', n_restarts=2), 2)):
+    calls.clear()
+    attacks.autoattack(f, x, y, eps=0.05, run_checks=False, **kwargs)
+    assert calls and {r for _, r in calls} == {restarts}, (kwargs, calls)
 
 
 def test_bad_arguments_raise_clear_errors():
