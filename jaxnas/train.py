@@ -76,7 +76,8 @@ def default_config() -> ml_collections.ConfigDict:
           momentum=0.9, weight_decay=3e-4, grad_clip=5.0,  # SGD as bilevel.weight_optimizer (0 = no clip)
           adversarial=dict(
               method='none',      # none | pgd (Madry) | trades
-              eps=8 / 255, step_size=2 / 255, steps=7, norm='linf', random_start=True,
+              eps=8 / 255, step_size=2 / 255, steps=7, norm='linf',
+              random_start='uniform',  # uniform (in the ball) | normal (x + 0.001 N(0, 1): TRADES, AdvRush) | none
               attack_mode='eval',  # the network the attack sees: eval (running BN stats) | train
               trades_beta=6.0),
           holdout_fraction=0.0,   # > 0: hold out this fraction of the training set as the test split
@@ -164,7 +165,7 @@ class Adversary:
   step_size: float = 2 / 255
   steps: int = 7
   norm: str = 'linf'
-  random_start: bool = True
+  random_start: str = 'uniform'  # pgd_attack.STARTS
   attack_mode: str = 'eval'
   trades_beta: float = 6.0
 
@@ -184,8 +185,11 @@ def make_recipe(config, net: networks.EvalNetwork) -> Recipe:
   t, d, a = config.train, config.data, config.train.adversarial
   adversary = None
   if a.method != 'none':
+    if a.random_start not in pgd_attack.STARTS:
+      raise ValueError(f'unknown config.train.adversarial.random_start {a.random_start!r}: use one of '
+                       f'{list(pgd_attack.STARTS)}')
     adversary = Adversary(method=a.method, eps=float(a.eps), step_size=float(a.step_size), steps=int(a.steps),
-                          norm=a.norm, random_start=bool(a.random_start), attack_mode=a.attack_mode,
+                          norm=a.norm, random_start=a.random_start, attack_mode=a.attack_mode,
                           trades_beta=float(a.trades_beta))
   return Recipe(net=net, optim=bilevel.WeightOptim(momentum=t.momentum, weight_decay=t.weight_decay,
                                                    grad_clip=t.grad_clip),

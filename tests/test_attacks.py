@@ -157,6 +157,27 @@ def test_pgd_fgsm_cw_stay_in_ball_and_box(norm, eps):
     assert_in_ball_and_box(x_adv, x, eps, norm, name)
 
 
+def test_pgd_random_starts():
+  """With no steps PGD returns its start: 'normal' is x + 0.001 N(0, I) (TRADES' and AdvRush's start), inside
+  the ball and the box; 'uniform' fills the ball; 'none' (False) is x."""
+  x = jnp.full((64, 8, 8, 3), 0.5)
+  y = jnp.zeros(64, jnp.int32)
+  f = lambda z: jnp.zeros((z.shape[0], 10))
+  start = lambda kind, eps=8 / 255, **kw: np.asarray(
+      attacks.pgd(f, x, y, jax.random.PRNGKey(0), eps=eps, step_size=0.01, steps=0, random_start=kind, **kw) - x)
+  d = start('normal')
+  assert abs(d.std() - 1e-3) < 3e-5 and abs(d.mean()) < 2e-5   # 12288 draws: 3 standard errors
+  np.testing.assert_array_equal(start('normal'), d)   # deterministic given the key
+  assert np.abs(start('normal', eps=5e-4)).max() == pytest.approx(5e-4, rel=1e-4)   # projected onto the ball
+  np.testing.assert_array_equal(start('normal', norm='l2', eps=1.0), d)  # well inside the l_2 ball: unchanged
+  u = start(True)
+  np.testing.assert_array_equal(start('uniform'), u)
+  assert np.abs(u).max() <= 8 / 255 and np.abs(u).mean() == pytest.approx(4 / 255, rel=0.05)
+  assert not np.any(start(False)) and not np.any(start('none'))
+  with pytest.raises(ValueError, match=r"unknown PGD random_start 'gauss': use one of \['uniform', 'normal', 'none'\]"):
+    start('gauss')
+
+
 def test_pgd_inside_jitted_train_step_stops_gradients():
   f_of = lambda params, x: x.reshape(x.shape[0], -1) @ params
   params = jax.random.normal(jax.random.PRNGKey(0), (36, 3))

@@ -120,7 +120,7 @@ def test_resume_reproduces_the_uninterrupted_run(std_run, tmp_path):
 def test_adversarial_training_trains_on_pgd_examples(adv_run, std_run):
   config = json.loads((adv_run / 'config.json').read_text())
   assert config['train']['adversarial'] == dict(
-      method='pgd', eps=8 / 255, step_size=0.01, steps=2, norm='linf', random_start=True, attack_mode='eval',
+      method='pgd', eps=8 / 255, step_size=0.01, steps=2, norm='linf', random_start='uniform', attack_mode='eval',
       trades_beta=6.0)
   steps = [r for r in metrics(adv_run) if 'train/lr' in r]
   assert [r['train/lr'] for r in steps] == pytest.approx([0.05] * 20 + [0.005] * 20)   # piecewise (step decay)
@@ -184,18 +184,18 @@ class ToyNet:
     return (h - mean) @ variables['params']['w'], None, {'mean': 0.9 * running + 0.1 * mean}
 
 
-@pytest.mark.parametrize('method', ['pgd', 'trades'])
-def test_adversarial_losses_match_a_reference(method):
+@pytest.mark.parametrize('method, start', [('pgd', 'uniform'), ('trades', 'normal')])
+def test_adversarial_losses_match_a_reference(method, start):
   """PGD (Madry: CE on the attack's examples) and TRADES (CE + beta KL(f(x) || f(x'))) steps against the
   losses written out here, with the attack made against the network in inference mode from the step's
-  random start (TRADES' KL has a zero gradient at x itself)."""
+  random start (TRADES' KL has a zero gradient at x itself; its code starts at x + 0.001 N(0, 1))."""
   net = ToyNet()
   rng = np.random.default_rng(1)
   params = {'w': rng.normal(size=(12, 5)).astype(np.float32)}
   stats = {'mean': rng.uniform(0.2, 0.8, 12).astype(np.float32)}
   state = train.TrainState(params=params, batch_stats=stats, opt_state=bilevel.weight_optimizer(
       bilevel.WeightOptim(), 0.0).init(params), step=np.int32(0), rng=jax.random.key(0))
-  adversary = train.Adversary(method=method, eps=0.1, step_size=0.04, steps=3, trades_beta=3.0)
+  adversary = train.Adversary(method=method, eps=0.1, step_size=0.04, steps=3, trades_beta=3.0, random_start=start)
   recipe = train.Recipe(net, optim=bilevel.WeightOptim(momentum=0.9, weight_decay=0.0, grad_clip=0.0),
                         adversary=adversary)
   batch = {'image': rng.integers(0, 256, (6, 2, 2, 3), dtype=np.uint8), 'label': np.arange(6) % 5}
@@ -207,7 +207,8 @@ def test_adversarial_losses_match_a_reference(method):
   p_clean = np.exp(log_softmax(inference(x)))
   kl = lambda logits, _: jnp.sum(p_clean * (np.log(p_clean) - log_softmax(logits)), axis=1)
   key = train._key(state, train._ATTACK)  # pylint: disable=protected-access (the step's attack stream)
-  x_adv = pgd_attack.pgd(inference, x, y, key, eps=0.1, step_size=0.04, steps=3, loss='ce' if method == 'pgd' else kl)
+  x_adv = pgd_attack.pgd(inference, x, y, key, eps=0.1, step_size=0.04, steps=3,
+                         loss='ce' if method == 'pgd' else kl, random_start=start)
   assert 0.09 < np.max(np.abs(x_adv - x)) <= 0.1 + 1e-6
 
   def loss_fn(w):
@@ -228,6 +229,8 @@ def test_adversarial_losses_match_a_reference(method):
     (['--config.genotype=NOPE'], r"error: unknown genotype 'NOPE': give a zoo name .*"),
     (['--config.train.adversarial.method=fgsm'],
      r"error: config.train.adversarial.method='fgsm': use one of \('none', 'pgd', 'trades'\)"),
+    (['--config.train.adversarial.method=pgd', '--config.train.adversarial.random_start=gauss'],
+     r"error: unknown config.train.adversarial.random_start 'gauss': use one of \['uniform', 'normal', 'none'\]"),
     (['--config.data.source=npz', '--config.data.path={npz}'],
      r"error: the dataset 'tiny' has no test split: set config.train.holdout_fraction .*"),
     (['--config.train.lr=1e30', '--config.checkpoint_every_steps=1'],
@@ -266,4 +269,7 @@ def test_adversarial_config_has_advrush_schedule():
       200, 64, 1e-4, 5.0, False, 0.0)
   lrs = [train.learning_rate(t, e) for e in (0, 98, 99, 148, 149, 199)]
   assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
-  assert (t.adversarial.method, t.adversarial.steps, t.adversarial.step_size) == ('pgd', 7, 0.01)
+  assert (t.adversarial.method, t.adversarial.steps, t.adversarial.step_size, t.adversarial.random_start) == (
+      'pgd', 7, 0.01, 'uniform')
+  a = module.get_config('trades').train.adversarial   # TRADES' trades.py: beta 6, 10 steps of 0.007 from x + 0.001 N
+  assert (a.method, a.trades_beta, a.steps, a.step_size, a.random_start) == ('trades', 6.0, 10, 0.007, 'normal')

@@ -39,13 +39,18 @@ def _better(mis, val, best_mis, best_val):
   return (mis > best_mis) | ((mis == best_mis) & (val > best_val))
 
 
+STARTS = ('uniform', 'normal', 'none')
+START_ALIASES = {True: 'uniform', False: 'none'}
+NORMAL_START_SCALE = 1e-3   # TRADES' trades.py and AdvRush's training code: x + 0.001 * randn
+
+
 def _select(mask, a, b):
   return jnp.where(jnp.reshape(mask, (-1,) + (1,) * (a.ndim - 1)), a, b)
 
 
 def pgd(logits_fn, x, y, key, *, eps: float, step_size: float, steps: int, norm: str = 'linf',
         loss: Union[str, losses.LossFn] = 'ce', kappa: float = 0.0, restarts: int = 1,
-        random_start: bool = True, scoring: str = 'final', idx=None):
+        random_start: bool | str = True, scoring: str = 'final', idx=None):
   """Projected gradient ascent on ``loss`` inside the ``eps`` ball ∩ [0, 1] (Madry et al. 2018, eq. (2)).
 
   Args:
@@ -57,7 +62,9 @@ def pgd(logits_fn, x, y, key, *, eps: float, step_size: float, steps: int, norm:
     loss: 'ce', 'cw' (margin loss with confidence ``kappa``, the CW_inf attack), 'dlr' or a callable
       ``(logits, y) -> [B]`` to maximise.
     restarts: independent runs; per example the best run is kept (misclassified first, then higher loss).
-    random_start: start uniformly in the ball (otherwise at ``x``).
+    random_start: where each run starts: True or 'uniform': uniformly in the ball; 'normal': at
+      ``x + 0.001 N(0, I)`` (projected), the start of the TRADES and AdvRush training code; False or 'none': at
+      ``x``.
     scoring: 'final' returns each run's last iterate; 'best' its best iterate over all steps (same order).
     idx: global example indices ``[B]`` (defaults to ``arange(B)``); pass them for batch-size-independent
       results.
@@ -66,6 +73,9 @@ def pgd(logits_fn, x, y, key, *, eps: float, step_size: float, steps: int, norm:
     Adversarial images ``[B, ...]`` (``stop_gradient`` applied).
   """
   norm = ball.check_norm(norm)
+  start = START_ALIASES.get(random_start, random_start)
+  if start not in STARTS:
+    raise ValueError(f'unknown PGD random_start {random_start!r}: use one of {list(STARTS)} (or True / False)')
   if scoring not in ('final', 'best'):
     raise ValueError(f"unknown PGD scoring {scoring!r}: use 'final' or 'best'")
   loss_fn = losses.resolve(loss, kappa)
@@ -80,8 +90,11 @@ def pgd(logits_fn, x, y, key, *, eps: float, step_size: float, steps: int, norm:
 
   def run(r):
     x0 = x
-    if random_start:
+    if start == 'uniform':
       x0 = jnp.clip(x + ball.uniform_ball(ball.fold_keys(keys, r), x.shape[1:], eps, norm, x.dtype), 0.0, 1.0)
+    elif start == 'normal':
+      noise = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(ball.fold_keys(keys, r))
+      x0 = ball.project(x + NORMAL_START_SCALE * noise, x, eps, norm)
 
     def body(_, carry):
       xa, best_x, best_mis, best_val = carry
