@@ -21,11 +21,14 @@ coefficient rows per activation; the architecture gradient keeps them all): XLA'
 first-order architecture step (CE + CROWN-IBP gradient, float32, XLA:CPU) with the paper's supernet (C=16, 8
 cells) on 32x32 images grows by 6.1 GB per bounded example (6.25 GB with one and 12.37 GB with two bounded
 examples of a batch of 8; the CE-only step takes 0.11 GB, about 13 MB per example; ``compiled.memory_analysis()``,
-benchmarks/RESULTS.md). An 80 GB accelerator fits about 12 bounded examples next to the CE batch of 256, a 16 GB
-one 2; the paper's batch 256 cannot be bounded in one step, and the second-order step (the default) needs more.
+benchmarks/RESULTS.md). The second-order step (the default) takes 8.06 GB with one bounded example and 0.42 GB
+CE-only (about 52 MB per example), so about 7.6 GB per bounded example. With the CE batch of 256, an 80 GB
+accelerator fits about 8 bounded examples in the second-order step (about 12 in the first-order one); a 16 GB one
+fits none in the second-order step (CE alone ~13 GB) and 2 in the first-order one. The paper's batch 256 cannot be
+bounded in one step. Compiling these programs on XLA:CPU took 8 min (first order) and 14 min (second order).
 ``EXAMPLES`` bounds the first 8 images of each 256 validation batch (``R`` is a mean over examples of a shuffled
-batch, so this is an unbiased estimate of the same metric; ``--config.search.upper[1].kwargs.examples=2`` for a
-16 GB accelerator, ``=0`` bounds all).
+batch, so this is an unbiased estimate of the same metric; ``--config.arch.order=1
+--config.search.upper[1].kwargs.examples=2`` for a 16 GB accelerator, ``=0`` bounds all).
 
 Arguments (comma-separated): ``l2`` (the l_2 ball), ``smoke`` (a tiny supernet on 16 embedded 8x8 digits: C=2,
 3 cells of 2 nodes, max-pool and skip only, first order; compiles in CI time, for tests).
