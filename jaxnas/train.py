@@ -103,6 +103,9 @@ def _check_config(config) -> None:
                      'search workdir')
   if t.adversarial.method not in ADVERSARIAL_METHODS:
     raise ValueError(f'config.train.adversarial.method={t.adversarial.method!r}: use one of {ADVERSARIAL_METHODS}')
+  if t.adversarial.random_start not in pgd_attack.STARTS:
+    raise ValueError(f'unknown config.train.adversarial.random_start {t.adversarial.random_start!r}: use one of '
+                     f'{list(pgd_attack.STARTS)}')
   if t.adversarial.attack_mode not in ('eval', 'train'):
     raise ValueError(f"config.train.adversarial.attack_mode={t.adversarial.attack_mode!r}: use 'eval' or 'train'")
   if t.lr_schedule not in LR_SCHEDULES:
@@ -185,9 +188,6 @@ def make_recipe(config, net: networks.EvalNetwork) -> Recipe:
   t, d, a = config.train, config.data, config.train.adversarial
   adversary = None
   if a.method != 'none':
-    if a.random_start not in pgd_attack.STARTS:
-      raise ValueError(f'unknown config.train.adversarial.random_start {a.random_start!r}: use one of '
-                       f'{list(pgd_attack.STARTS)}')
     adversary = Adversary(method=a.method, eps=float(a.eps), step_size=float(a.step_size), steps=int(a.steps),
                           norm=a.norm, random_start=a.random_start, attack_mode=a.attack_mode,
                           trades_beta=float(a.trades_beta))
