@@ -395,8 +395,8 @@ def _looped_net(loop):
 
 def test_scans_cond_and_rewritten_primitives(x64, monkeypatch):
   """Scans are propagated as loops (IBP, CROWN-IBP; small scans too, here) or unrolled (CROWN): the same
-  bounds as Python loops; cond with a concrete index takes its branch, with a traced one (params under jit)
-  selects among all."""
+  bounds as Python loops, and the same gradients w.r.t. the weights; cond with a concrete index takes its
+  branch, with a traced one (params under jit) selects among all."""
   monkeypatch.setattr(graph, '_UNROLL_SIZE', 0)
   ws = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4, 4)) / 2)
   scanned, looped = _looped_net(lax.scan), _looped_net(_python_scan)
@@ -412,6 +412,9 @@ def test_scans_cond_and_rewritten_primitives(x64, monkeypatch):
         out[f'{norm} {method} looped'] = certify.bounds(functools.partial(looped, ws), x, eps, norm, method)
     # ws traced: the cond index is a tracer.
     out['traced'] = certify.bounds(scanned, x, 0.1, 'linf', 'crown-ibp', params=ws)
+    for name, net in (('scanned', scanned), ('looped', looped)):  # loops forward and backward
+      total = lambda w, net=net: jnp.sum(certify.bounds(net, x, 0.1, 'linf', 'crown-ibp', params=w)[0])
+      out[f'grad {name}'] = jax.grad(total)(ws)
     out['point'] = certify.bounds(functools.partial(scanned, ws), x, 0.0, 'linf', 'crown-ibp')
     return out
 
@@ -424,6 +427,8 @@ def test_scans_cond_and_rewritten_primitives(x64, monkeypatch):
       np.testing.assert_allclose(lower, out[f'{norm} {method} looped'][0], atol=1e-12)
       np.testing.assert_allclose(upper, out[f'{norm} {method} looped'][1], atol=1e-12)
   np.testing.assert_allclose(out['traced'][0], out['linf crown-ibp looped'][0], atol=1e-12)
+  assert np.any(out['grad looped'] != 0)
+  np.testing.assert_allclose(out['grad scanned'], out['grad looped'], atol=1e-10)
   np.testing.assert_allclose(out['point'][0], scanned(ws, x), atol=1e-12)
   np.testing.assert_allclose(out['point'][1], scanned(ws, x), atol=1e-12)
 
