@@ -41,11 +41,11 @@ def path(workdir: str, *names: str) -> str:
   return os.path.join(workdir, *names)
 
 
-_OS_FIXES = {errno.EACCES: 'use a workdir and data files this user may write and read',
-             errno.EPERM: 'use a workdir and data files this user may write and read',
+_PERMISSIONS_FIX = 'use a workdir and data files this user may write and read'
+_DISK_FULL_FIX = 'free disk space or use a workdir on another disk'
+_OS_FIXES = {errno.EACCES: _PERMISSIONS_FIX, errno.EPERM: _PERMISSIONS_FIX,
              errno.EROFS: 'use a workdir on a writable file system',
-             errno.ENOSPC: 'free disk space or use a workdir on another disk',
-             errno.EDQUOT: 'free disk space or use a workdir on another disk'}
+             errno.ENOSPC: _DISK_FULL_FIX, errno.EDQUOT: _DISK_FULL_FIX}
 
 
 def os_error_message(e: OSError, fix: str) -> str:
