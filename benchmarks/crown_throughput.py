@@ -63,7 +63,8 @@ def main(argv=None):
   p.add_argument('--channels', type=int, default=8, help='init channels C')
   p.add_argument('--layers', type=int, default=5, help='number of cells')
   p.add_argument('--size', type=int, default=32, help='input height and width (divisible by 4)')
-  p.add_argument('--chunk-rows', type=int, default=256, help='CROWN: neurons per intermediate backward pass')
+  p.add_argument('--chunk-rows', type=int, default=256,
+                 help='CROWN: neurons of the whole batch per intermediate backward pass')
   args = p.parse_args(argv)
   if args.quick:
     args.batch, args.channels, args.layers, args.size, args.repeats, args.warmup = 2, 4, 3, 16, 1, 0

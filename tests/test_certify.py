@@ -186,6 +186,23 @@ def test_bounds_are_sound_on_random_nets(x64, norm, eps):
     assert np.any(found[method, 'box'][0] > found[method, 'free'][0] + 1e-6), method
 
 
+def test_crown_bounds_do_not_depend_on_chunks_or_batch(x64):
+  """Full CROWN's intermediate bounds run ``chunk_rows // B`` elements per example per backward pass: any
+  chunking (one element, uneven chunks, all at once) and any batch give each example the same bounds."""
+  net = random_net(seed=3)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (3, 4, 4, 3), jnp.float64)
+  C = certify.margin_spec(jnp.argmax(net(x), axis=1), net(x).shape[1])
+  bound = lambda x, C, rows: certify.bounds(net, x, 0.03, 'linf', 'crown', C=C, box=(0.0, 1.0), chunk_rows=rows)
+  found = fast_jit(lambda x: [bound(x, C, rows) for rows in (1, 14, 10 ** 6)]
+                   + [bound(x[i:i + 1], C[i:i + 1], 5) for i in range(3)])(x)
+  one_by_one = [np.concatenate(parts) for parts in zip(*found[3:])]
+  for lower, upper in found[:3]:
+    np.testing.assert_allclose(lower, one_by_one[0], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(upper, one_by_one[1], rtol=0, atol=1e-10)
+  ibp = fast_jit(lambda x: certify.bounds(net, x, 0.03, 'linf', 'ibp', C=C, box=(0.0, 1.0))[0])(x)
+  assert np.any(one_by_one[0] > ibp + 1e-6)  # the intermediate bounds were computed (tighter than IBP)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Exactness on affine networks: closed forms.
 # ------------------------------------------------------------------------------------------------------

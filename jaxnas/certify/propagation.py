@@ -536,13 +536,18 @@ def _linear_bound(nodes, state, starts: dict, dom: domain_lib.Domain, relax: boo
 
 
 def _node_bounds(nodes, state, v, dom, need, chunk_rows):
-  """CROWN bounds of the needed elements of node ``v`` for a batch of examples; (-inf, inf) elsewhere.
+  """CROWN bounds of the needed elements of node ``v`` for a batch of examples; (-inf, inf) elsewhere, also
+  where a chunk computed bounds of an element only another example needs (an example's bounds would otherwise
+  depend on the batch it is in and on the chunk size).
 
-  Each example's needed elements are sorted first; chunks of ``chunk_rows`` elements (rows ``+e_i`` and
-  ``-e_i``) run one backward pass each, and chunks needed by no example are skipped (``lax.cond``)."""
+  Each example's needed elements are sorted first; chunks of ``chunk_rows // B`` elements per example (rows
+  ``+e_i`` and ``-e_i``) run one backward pass each, and chunks needed by no example are skipped
+  (``lax.cond``). So a pass's coefficients hold ``2 * chunk_rows`` rows whatever the batch size ``B``: with
+  ``chunk_rows`` elements per example, XLA:CPU's temporary memory grew faster than the batch (DARTS_V2 C=4, 3
+  cells, 16x16: 0.38 GB at 4 examples, 4.9 GB at 8; C=8, 5 cells, 32x32: 123 GB at 16, out of memory)."""
   shape = nodes[v].shape
   n = graph_lib.num_elements(shape)
-  chunk = min(chunk_rows, n)
+  chunk = min(max(chunk_rows // need.shape[0], 1), n)
   n_chunks = -(-n // chunk)
   dtype = dom.x.dtype
   need = need.reshape(need.shape[0], n)
@@ -564,7 +569,8 @@ def _node_bounds(nodes, state, v, dom, need, chunk_rows):
   lo = jnp.transpose(out[:, :, 0], (1, 0, 2)).reshape(-1, n_chunks * chunk)
   hi = -jnp.transpose(out[:, :, 1], (1, 0, 2)).reshape(-1, n_chunks * chunk)
   examples = jnp.arange(need.shape[0])[:, None]
-  scatter = lambda t, fill: jnp.full((need.shape[0], n), fill, dtype).at[examples, order].set(t, mode='drop')
+  scatter = lambda t, fill: jnp.where(need, jnp.full((need.shape[0], n), fill, dtype).at[examples, order].set(
+      t, mode='drop'), fill)
   full = (need.shape[0],) + tuple(shape)
   return scatter(lo, -jnp.inf).reshape(full), scatter(hi, jnp.inf).reshape(full)
 
@@ -614,7 +620,8 @@ def bounds(fn: Callable, x, eps, norm: str = 'linf', method: str = 'crown', *, C
     C: specification ``[S, K]`` or ``[B, S, K]``; identity (bounds of the logits) when None.
     box: ``(lo, hi)`` bounds of valid inputs (e.g. ``(0., 1.)``), broadcastable to ``x``; None: no clipping.
     upper: also compute upper bounds (else the second output is None).
-    chunk_rows: elements per backward pass when CROWN bounds intermediate nodes (memory vs speed).
+    chunk_rows: elements of the whole batch per backward pass when CROWN bounds intermediate nodes
+      (``chunk_rows // B`` per example; memory vs speed).
 
   Returns:
     ``(lower [B, S], upper [B, S] or None)``.
