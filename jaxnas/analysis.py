@@ -39,6 +39,7 @@ def _sub_jaxprs(value):
 
 
 _FOLD_SIZE = 4096  # elements: small constants (edge flags, indices) are evaluated, nothing large
+_UNROLL_LENGTH = 64  # a longer scan counts its body once, per-iteration inputs unknown (CROWN's chunk loops)
 
 
 def _open(sub, args):
@@ -97,14 +98,15 @@ def jaxpr_macs(jaxpr, known=None) -> int:
 
 def _scan_macs(params, ins) -> int:
   """A scan's MACs: ``length`` times its body's, or the sum over iterations when constant per-iteration
-  inputs are known (each distinct iteration counted once). Where a jax version's scan does not name how
-  its operands split (no ``num_consts``), its body with unknown inputs, ``length`` times."""
+  inputs are known (each distinct iteration counted once) and there are at most ``_UNROLL_LENGTH`` of them.
+  Where a jax version's scan does not name how its operands split (no ``num_consts``), its body with unknown
+  inputs, ``length`` times."""
   length = params['length']
   if 'num_consts' not in params or 'num_carry' not in params:
     return length * jaxpr_macs(*_open(params['jaxpr'], [None] * len(ins)))
   n_consts, n_carry = params['num_consts'], params['num_carry']
   consts, xs = ins[:n_consts], ins[n_consts + n_carry:]
-  if all(x is None for x in xs):
+  if all(x is None for x in xs) or length > _UNROLL_LENGTH:
     return length * jaxpr_macs(*_open(params['jaxpr'], consts + [None] * (len(ins) - n_consts)))
   counts, total = {}, 0
   for t in range(length):

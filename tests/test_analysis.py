@@ -67,6 +67,22 @@ def test_jaxpr_macs_of_a_training_step(groups, c_out):
     assert analysis.jaxpr_macs(jax.make_jaxpr(scanned_step)(x, w).jaxpr) == 15 * forward
 
 
+def test_scans_over_known_flags_count_the_branches_taken_up_to_a_length():
+  """Constant per-iteration flags pick each iteration's branch (the supernet's inactive edges) in scans of up
+  to ``_UNROLL_LENGTH`` iterations; a longer one (CROWN's loop over row chunks) counts its larger branch
+  ``length`` times instead of folding every iteration."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def f(w, x, flags):
+    body = lambda h, on: (jax.lax.cond(on, lambda h: h @ w, lambda h: h, h), None)
+    return jax.lax.scan(body, x, flags)[0]
+
+  for length, on in [(analysis._UNROLL_LENGTH, 3), (analysis._UNROLL_LENGTH + 1, analysis._UNROLL_LENGTH + 1)]:
+    flags = np.arange(length) < 3
+    jaxpr = jax.make_jaxpr(lambda w, x: f(w, x, flags))(np.ones((4, 4), np.float32), np.ones((2, 4), np.float32))
+    assert analysis.jaxpr_macs(jaxpr) == on * 2 * 4 * 4
+
+
 def test_scan_without_operand_counts_counts_its_body_length_times():
   """jax versions whose scan does not record ``num_consts`` (0.11): the body, inputs unknown, ``length`` times."""
   import jax  # pylint: disable=g-import-not-at-top
