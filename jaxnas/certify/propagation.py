@@ -569,8 +569,11 @@ def _node_bounds(nodes, state, v, dom, need, chunk_rows):
   lo = jnp.transpose(out[:, :, 0], (1, 0, 2)).reshape(-1, n_chunks * chunk)
   hi = -jnp.transpose(out[:, :, 1], (1, 0, 2)).reshape(-1, n_chunks * chunk)
   examples = jnp.arange(need.shape[0])[:, None]
-  scatter = lambda t, fill: jnp.where(need, jnp.full((need.shape[0], n), fill, dtype).at[examples, order].set(
-      t, mode='drop'), fill)
+
+  def scatter(t, fill):
+    placed = jnp.full((need.shape[0], n), fill, dtype).at[examples, order].set(t, mode='drop')
+    return jnp.where(need, placed, fill)
+
   full = (need.shape[0],) + tuple(shape)
   return scatter(lo, -jnp.inf).reshape(full), scatter(hi, jnp.inf).reshape(full)
 
