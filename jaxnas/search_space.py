@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from typing import Mapping, Sequence
 
 import jax
@@ -217,10 +218,17 @@ def cell_edges(params, stats, buffer, weights, active, *, primitives, steps, mul
 
 
 def _place_rows(a, indices, length):
-  """Rows of ``a`` at static ``indices`` of ``length`` rows, zeros elsewhere, as one concatenation: XLA:CPU
-  compiles the scatter of ``.at[indices].set`` and its transpose into ~4x the kernels."""
+  """Rows of ``a`` at static increasing ``indices`` of ``length`` rows, zeros elsewhere, as one concatenation
+  of runs (a slice of ``a`` per run of consecutive indices, a zero block per gap): XLA:CPU compiles the
+  scatter of ``.at[indices].set`` and its transpose into ~4x the kernels, and a row at a time traced ~2x the
+  operations (benchmarks/RESULTS.md)."""
   slot = {int(e): k for k, e in enumerate(indices)}
-  return jnp.stack([a[slot[e]] if e in slot else jnp.zeros(a.shape[1:], a.dtype) for e in range(length)])
+  pieces = []
+  for placed, run in itertools.groupby(range(length), key=lambda e: e in slot):
+    run = list(run)
+    pieces.append(a[slot[run[0]]:slot[run[-1]] + 1] if placed
+                  else jnp.zeros((len(run),) + a.shape[1:], a.dtype))
+  return jnp.concatenate(pieces)
 
 
 def _input_edges(steps):
