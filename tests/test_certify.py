@@ -367,10 +367,19 @@ def test_certified_radii_report(digits_model):
   """The evaluation report's entry: radii of the search (float32, [0, 1] box), their mean, JSON values."""
   model, p, x, y = digits_model
   fn = functools.partial(model, p)
-  report = certify.certified_radii_report(fn, x, y, norms=('linf', 'l2'), method='ibp', steps=6, batch_size=5)
+  lines = []
+  report = certify.certified_radii_report(fn, x, y, norms=('linf', 'l2'), method='ibp', steps=6, batch_size=5,
+                                          progress=lines.append)
   assert set(report) == {'linf', 'l2'}
+  # A progress line per bisection step of each batch (12 examples: batches of 5, 5 and 2), counting down.
+  assert len(lines) == 2 * 3 * 6
+  assert lines[0].startswith('certify ibp linf: examples 1-5 of 12, bisection step 1/6, ')
+  assert lines[0].endswith('the first step includes compiling')
+  assert lines[17].startswith('certify ibp linf: examples 11-12 of 12, bisection step 6/6, ')
+  assert lines[17].endswith('about 0 s left') and lines[-1].startswith('certify ibp l2: examples 11-12 of 12')
   for norm, entry in report.items():
-    assert set(entry) == {'method', 'mean_radius', 'radii', 'certified_at_eps0_fraction'} and entry['method'] == 'ibp'
+    assert set(entry) == {'method', 'mean_radius', 'radii', 'certified_at_eps0_fraction', 'seconds'}
+    assert entry['method'] == 'ibp' and entry['seconds'] > 0
     assert all(type(r) is float for r in entry['radii']) and len(entry['radii']) == len(y)  # pylint: disable=unidiomatic-typecheck
     expected = certify.certified_radius(fn, x, y, norm, 'ibp', box=(0.0, 1.0), steps=6)
     np.testing.assert_allclose(entry['radii'], expected)  # batches of 5 (the last one padded): the same radii

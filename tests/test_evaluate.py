@@ -148,8 +148,11 @@ def trained(tmp_path_factory):
 def test_evaluate_command_on_a_checkpoint_and_on_its_torch_state_dict(trained, tmp_path, capsys):
   certified = ['--certify', 'linf', '--certify-method', 'ibp']
   assert cli.main(['evaluate', '--checkpoint', str(trained / 'checkpoints'), *EVAL, *certified]) == 0
-  printed = capsys.readouterr().out
+  printed, progress = capsys.readouterr()
   result = json.loads((trained / 'evaluation.json').read_text())
+  # The bisection's progress on stderr: a line per step (8 examples in one batch, 15 steps).
+  assert [line for line in progress.splitlines() if line.startswith('certify ')][-1].startswith(
+      'certify ibp linf: examples 1-8 of 8, bisection step 15/15, ')
   assert '| PGD-20 |' in printed and '## Certified robustness' in printed
   assert printed.startswith((trained / 'evaluation.md').read_text())
   assert list(result['attacks']) == ['fgsm', 'pgd20'] and result['n_examples'] == 8
